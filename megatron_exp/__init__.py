@@ -1,0 +1,1 @@
+"""megatron-exp: Megatron-style model-parallel training experiments in plain PyTorch."""

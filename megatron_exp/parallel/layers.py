@@ -1,0 +1,118 @@
+"""Tensor-parallel layers: each holds one TP rank's slice of a serial layer's weights.
+
+ColumnParallelLinear splits the output features (Y = X [A_1 ... A_k], no communication but f on the input);
+RowParallelLinear splits the input features (Y = sum_i X_i A_i, reduced by g); a column layer followed by a row
+layer therefore needs one f and one g, which is how the paper parallelizes both the MLP and attention.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_exp.parallel import state
+from megatron_exp.parallel.mappings import f, g, gather_last_dim, split_last_dim
+from megatron_exp.parallel.sharding import ShardSpec, init_normal_shard_, padded_vocab_size
+from megatron_exp.parallel.state import Group
+
+
+def _divide(total: int, tp: Group, what: str) -> int:
+    if total % tp.size:
+        raise ValueError(f"{what}={total} is not divisible by the tensor-parallel size {tp.size}")
+    return total // tp.size
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x A^T + b with A's rows (output features) split across TP ranks.
+
+    The output is this rank's slice of features unless `gather_output` is set.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        gather_output: bool = False,
+        init_std: float = 0.02,
+        tp: Group | None = None,
+    ):
+        super().__init__()
+        self.tp = tp or state.current().tp
+        self.gather_output, self.init_std = gather_output, init_std
+        local_out = _divide(out_features, self.tp, "out_features")
+        self.weight = ShardSpec(dim=0).tag(nn.Parameter(torch.empty(local_out, in_features)))
+        self.bias = ShardSpec(dim=0).tag(nn.Parameter(torch.empty(local_out))) if bias else None
+
+    def reset_parameters(self, generator: torch.Generator) -> None:
+        init_normal_shard_(self.weight, self.tp, self.init_std, generator)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(f(x, self.tp), self.weight, self.bias)
+        return gather_last_dim(y, self.tp) if self.gather_output else y
+
+
+class RowParallelLinear(nn.Module):
+    """y = x A^T + b with A's columns (input features) split across TP ranks; partial sums reduced by g.
+
+    The bias is replicated and added once, after the reduction. With `input_is_parallel` (the usual case, after a
+    ColumnParallelLinear) x is already this rank's slice; otherwise it is split here.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        input_is_parallel: bool = True,
+        init_std: float = 0.02,
+        tp: Group | None = None,
+    ):
+        super().__init__()
+        self.tp = tp or state.current().tp
+        self.input_is_parallel, self.init_std = input_is_parallel, init_std
+        local_in = _divide(in_features, self.tp, "in_features")
+        self.weight = ShardSpec(dim=1).tag(nn.Parameter(torch.empty(out_features, local_in)))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+
+    def reset_parameters(self, generator: torch.Generator) -> None:
+        init_normal_shard_(self.weight, self.tp, self.init_std, generator)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.input_is_parallel:
+            x = split_last_dim(x, self.tp)
+        y = g(F.linear(x, self.weight), self.tp)
+        return y if self.bias is None else y + self.bias
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding whose vocabulary rows are split across TP ranks.
+
+    The vocabulary is padded to a multiple of 128 x TP. Each rank looks up the ids in its row range, writes zeros
+    for the others, and g sums the partial lookups. The weight doubles as the (tied) output layer.
+    """
+
+    def __init__(self, vocab_size: int, dim: int, init_std: float = 0.02, tp: Group | None = None):
+        super().__init__()
+        self.tp = tp or state.current().tp
+        self.vocab_size, self.init_std = vocab_size, init_std
+        self.padded_vocab_size = padded_vocab_size(vocab_size, self.tp.size)
+        rows = self.padded_vocab_size // self.tp.size
+        self.vocab_start = self.tp.rank * rows
+        self.weight = ShardSpec(dim=0, vocab_size=vocab_size).tag(nn.Parameter(torch.empty(rows, dim)))
+
+    def reset_parameters(self, generator: torch.Generator) -> None:
+        init_normal_shard_(self.weight, self.tp, self.init_std, generator)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.vocab_start
+        outside = (local < 0) | (local >= self.weight.shape[0])
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        return g(out.masked_fill(outside.unsqueeze(-1), 0.0), self.tp)

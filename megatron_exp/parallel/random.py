@@ -1,0 +1,111 @@
+"""Dropout randomness under TP, and activation checkpointing that reproduces it.
+
+Outside TP regions activations are replicated, so every TP rank must draw the same dropout mask: the default
+generator is seeded identically on all TP ranks. Inside a TP region (attention probabilities, split by head)
+each rank holds different data and must draw an independent mask: that uses a second stream, seeded per TP
+rank, swapped in with `tp_region()`. Recomputing a layer in backward restores both streams as they were in
+forward, so recomputed masks equal the original ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+
+import torch
+import torch.utils.checkpoint
+
+# Offset between the replicated stream's seed and the TP-region streams' seeds (Megatron uses the same).
+TP_REGION_SEED_OFFSET = 2718
+
+
+def _get_state(device: torch.device) -> torch.Tensor:
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def _set_state(device: torch.device, rng_state: torch.Tensor) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(rng_state, device)
+    else:
+        torch.set_rng_state(rng_state)
+
+
+class _TPRegionStream:
+    """The per-TP-rank generator state, kept while the default generator runs the replicated stream."""
+
+    def __init__(self) -> None:
+        self.device: torch.device | None = None
+        self.rng_state: torch.Tensor | None = None
+
+    def seed(self, seed: int, device: torch.device) -> None:
+        outer = _get_state(device)
+        if device.type == "cuda":
+            torch.cuda.manual_seed(seed)
+        else:
+            torch.manual_seed(seed)
+        self.device, self.rng_state = device, _get_state(device)
+        _set_state(device, outer)
+
+    @contextmanager
+    def active(self) -> Iterator[None]:
+        if self.rng_state is None:
+            raise RuntimeError("dropout inside a TP region needs megatron_exp.parallel.random.seed(...) first")
+        outer = _get_state(self.device)
+        _set_state(self.device, self.rng_state)
+        try:
+            yield
+        finally:
+            self.rng_state = _get_state(self.device)
+            _set_state(self.device, outer)
+
+
+_stream = _TPRegionStream()
+
+
+def seed(seed: int, tp_rank: int, device: torch.device | str = "cpu") -> None:
+    """Seed the replicated stream with `seed` (same on all TP ranks) and the TP-region stream per TP rank."""
+    device = torch.device(device)
+    torch.manual_seed(seed)  # seeds CPU and every CUDA device
+    _stream.seed(seed + TP_REGION_SEED_OFFSET + tp_rank, device)
+
+
+def tp_region() -> AbstractContextManager[None]:
+    """Run the block on this TP rank's own stream (for dropout on TP-split activations)."""
+    return _stream.active()
+
+
+def get_tp_region_state() -> torch.Tensor | None:
+    return None if _stream.rng_state is None else _stream.rng_state.clone()
+
+
+def set_tp_region_state(rng_state: torch.Tensor, device: torch.device | str = "cpu") -> None:
+    _stream.device, _stream.rng_state = torch.device(device), rng_state.clone()
+
+
+def _restore_tp_region_on_recompute():
+    """For torch's checkpoint: remember the TP-region stream at forward, replay it during recompute."""
+    at_forward = get_tp_region_state()
+
+    @contextmanager
+    def recompute() -> Iterator[None]:
+        if at_forward is None:
+            yield
+            return
+        after_forward = _stream.rng_state
+        _stream.rng_state = at_forward
+        try:
+            yield
+        finally:
+            _stream.rng_state = after_forward
+
+    return nullcontext(), recompute()
+
+
+def checkpoint(function, *args):
+    """Run `function(*args)` without keeping its activations; backward recomputes it with the same dropout masks.
+
+    torch restores the replicated stream (preserve_rng_state); the context restores the TP-region stream.
+    """
+    return torch.utils.checkpoint.checkpoint(
+        function, *args, use_reentrant=False, preserve_rng_state=True, context_fn=_restore_tp_region_on_recompute
+    )

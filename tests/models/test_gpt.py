@@ -1,0 +1,196 @@
+from contextlib import contextmanager
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from megatron_exp.config import ConfigError, ModelConfig
+from megatron_exp.models.gpt import GPTModel
+from megatron_exp.models.transformer import TransformerLayer
+from megatron_exp.parallel import random, state
+from megatron_exp.parallel.mappings import gather_last_dim
+from megatron_exp.parallel.sharding import merge_state_dicts, shard_specs
+from megatron_exp.parallel.state import Group
+from tests.distributed import run_on_ranks
+
+NO_DROPOUT = ModelConfig(
+    hidden=32, heads=4, layers=2, vocab_size=300, seq_len=16, hidden_dropout=0.0, attention_dropout=0.0
+)
+TIGHT = dict(rtol=1e-10, atol=1e-12)
+
+
+def _tokens(step: int) -> torch.Tensor:
+    return torch.randint(0, NO_DROPOUT.vocab_size, (3, 16), generator=torch.Generator().manual_seed(step))
+
+
+def _lm_loss(model: GPTModel, tokens: torch.Tensor):
+    logits = model(tokens[:, :-1])
+    return logits, model.loss(logits, tokens[:, 1:])
+
+
+def _check_gpt_equals_serial():
+    torch.set_default_dtype(torch.float64)
+    tp = state.current().tp
+    with state.use(state.SERIAL):
+        serial = GPTModel(NO_DROPOUT, seed=5)
+    model = GPTModel(NO_DROPOUT, seed=5)
+    specs = shard_specs(model)
+    vocab = NO_DROPOUT.vocab_size
+
+    ref_logits, ref_loss = _lm_loss(serial, _tokens(0))
+    logits, loss = _lm_loss(model, _tokens(0))
+    assert logits.shape[-1] == 512 // tp.size  # 300 padded to a multiple of 128 x TP
+    torch.testing.assert_close(gather_last_dim(logits, tp)[..., :vocab], ref_logits[..., :vocab], **TIGHT)
+    torch.testing.assert_close(loss, ref_loss, **TIGHT)
+
+    first_loss = ref_loss.item()
+    ref_loss.backward()
+    loss.backward()
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    ref_grads = {name: p.grad for name, p in serial.named_parameters()}
+    for name, grad in grads.items():  # each rank's piece, replicated parameters included
+        torch.testing.assert_close(grad, specs[name].shard(ref_grads[name], tp.size, tp.rank, name), **TIGHT)
+    every_rank = [None] * tp.size
+    dist.all_gather_object(every_rank, grads)
+    merged = merge_state_dicts(every_rank, specs)
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(merged[name], grad, **TIGHT, msg=name)
+
+    optimizers = [torch.optim.Adam(m.parameters(), lr=1e-2) for m in (serial, model)]
+    for step in range(1, 6):
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad()
+        _, ref_loss = _lm_loss(serial, _tokens(step % 2))
+        _, loss = _lm_loss(model, _tokens(step % 2))
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-9, atol=1e-12, msg=f"loss after step {step}")
+        ref_loss.backward()
+        loss.backward()
+    assert ref_loss.item() < first_loss - 0.5  # the steps did train (two batches, seen alternately)
+    serial_state = serial.state_dict()
+    for name, p in model.state_dict().items():
+        expected = specs[name].shard(serial_state[name], tp.size, tp.rank, name)
+        torch.testing.assert_close(p, expected, rtol=1e-9, atol=1e-12, msg=name)
+
+    torch.set_default_dtype(torch.float32)
+    with state.use(state.SERIAL):
+        serial32 = GPTModel(NO_DROPOUT, seed=5)
+    logits32, loss32 = _lm_loss(GPTModel(NO_DROPOUT, seed=5), _tokens(0))
+    ref_logits32, ref_loss32 = _lm_loss(serial32, _tokens(0))
+    torch.testing.assert_close(gather_last_dim(logits32, tp)[..., :vocab], ref_logits32[..., :vocab])
+    torch.testing.assert_close(loss32, ref_loss32)
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_gpt_at_tp_equals_serial_logits_loss_grads_and_five_adam_steps(tp):
+    run_on_ranks(tp, _check_gpt_equals_serial)
+
+
+def _check_dropout():
+    tp = state.current().tp
+    hidden_only = ModelConfig(**{**vars(NO_DROPOUT), "hidden_dropout": 0.3})
+    with state.use(state.SERIAL):
+        serial = GPTModel(hidden_only, seed=5)
+    model = GPTModel(hidden_only, seed=5)
+    random.seed(9, tp.rank)
+    ref_logits, ref_loss = _lm_loss(serial, _tokens(0))
+    random.seed(9, tp.rank)
+    logits, loss = _lm_loss(model, _tokens(0))
+    # Dropout outside TP regions draws the same masks as the serial model on every TP rank.
+    torch.testing.assert_close(gather_last_dim(logits, tp)[..., :300], ref_logits[..., :300])
+    torch.testing.assert_close(loss, ref_loss)
+    with state.use(state.SERIAL):
+        no_dropout = GPTModel(NO_DROPOUT, seed=5)
+    assert not torch.allclose(_lm_loss(no_dropout, _tokens(0))[1], loss), "dropout must have been active"
+
+    # Attention dropout runs in the TP region: per-rank masks, yet activations outside stay replicated.
+    both = ModelConfig(**{**vars(hidden_only), "attention_dropout": 0.3})
+    random.seed(9, tp.rank)
+    _, loss = _lm_loss(GPTModel(both, seed=5), _tokens(0))
+    losses = [None] * tp.size
+    dist.all_gather_object(losses, loss.item())
+    assert len(set(losses)) == 1 and torch.isfinite(loss)
+    assert loss.item() != ref_loss.item()
+
+
+def test_dropout_matches_serial_outside_tp_regions():
+    run_on_ranks(2, _check_dropout)
+
+
+_COLLECTIVES = [
+    "all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "reduce_scatter",
+    "reduce_scatter_tensor", "broadcast", "all_to_all", "all_to_all_single", "reduce", "gather", "scatter",
+    "barrier", "send", "recv", "isend", "irecv",
+]  # fmt: skip
+
+
+@contextmanager
+def _recording(calls: list):
+    """Record every torch.distributed collective called in the block as (name, group, numel)."""
+    originals = {name: getattr(dist, name) for name in _COLLECTIVES}
+
+    def recorder(name):
+        def call(*args, **kwargs):
+            numel = args[0].numel() if args and isinstance(args[0], torch.Tensor) else None
+            calls.append((name, kwargs.get("group"), numel))
+            return originals[name](*args, **kwargs)
+
+        return call
+
+    for name in _COLLECTIVES:
+        setattr(dist, name, recorder(name))
+    try:
+        yield calls
+    finally:
+        for name, original in originals.items():
+            setattr(dist, name, original)
+
+
+def _check_communication():
+    tp = state.current().tp
+    cfg = NO_DROPOUT
+    batch, seq = 3, 16
+    layer = TransformerLayer(cfg, tp)
+    x = torch.randn(batch, seq, cfg.hidden, requires_grad=True)
+    with _recording([]) as forward:
+        y = layer(x)
+    with _recording([]) as backward:
+        y.sum().backward()
+    one_activation = ("all_reduce", tp.handle, batch * seq * cfg.hidden)
+    assert forward == [one_activation] * 2, forward  # g after attention, g after the MLP
+    assert backward == [one_activation] * 2, backward  # f before attention, f before the MLP
+
+    model = GPTModel(cfg)
+    with _recording([]) as forward:
+        _, loss = _lm_loss(model, _tokens(0))
+    with _recording([]) as backward:
+        loss.backward()
+    assert all(name == "all_reduce" and group is tp.handle for name, group, _ in forward + backward)
+    # forward: embedding g + 2 per layer + 2 in the loss (max; target logit and sum of exps together)
+    assert [n for *_, n in forward] == [batch * 15 * cfg.hidden] * (1 + 2 * cfg.layers) + [batch * 15, 2 * batch * 15]
+    # backward: f before the output layer + 2 per layer
+    assert [n for *_, n in backward] == [batch * 15 * cfg.hidden] * (1 + 2 * cfg.layers)
+
+
+def test_exactly_the_papers_collectives():
+    run_on_ranks(2, _check_communication)
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    random.seed(0, 0)
+    grads = []
+    for checkpointing in (False, True):
+        model = GPTModel(NO_DROPOUT, activation_checkpointing=checkpointing, seed=2)
+        _lm_loss(model, _tokens(0))[1].backward()
+        grads.append([p.grad for p in model.parameters()])
+    for plain, recomputed in zip(*grads, strict=True):
+        torch.testing.assert_close(recomputed, plain)
+
+
+def test_bad_shapes_fail_with_the_key_and_a_fix():
+    with pytest.raises(ConfigError, match=r"model.heads=6 is not divisible by parallel.tp=4: .*\(1, 2, 3, 6\)"):
+        GPTModel(ModelConfig(hidden=48, heads=6), tp=Group(4, 0))
+    with pytest.raises(ConfigError, match=r"model.hidden=30 is not divisible by model.heads=4"):
+        GPTModel(ModelConfig(hidden=30, heads=4))
+    with pytest.raises(ValueError, match=r"longer than model.seq_len=16"):
+        GPTModel(NO_DROPOUT)(torch.zeros(1, 17, dtype=torch.long))

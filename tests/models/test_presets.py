@@ -1,0 +1,66 @@
+"""The model presets in conf/model: they load into the schema, and the paper's sizes have the paper's counts."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from megatron_exp.config import ModelConfig
+from megatron_exp.models.gpt import GPTModel
+from megatron_exp.parallel import state
+from megatron_exp.parallel.sharding import ShardSpec
+
+CONF = Path(__file__).resolve().parents[2] / "conf" / "model"
+GPT_PRESETS = sorted(p.stem for p in CONF.glob("gpt_*.yaml"))
+
+
+def load_preset(name: str, **overrides) -> ModelConfig:
+    schema = OmegaConf.structured(ModelConfig)
+    return OmegaConf.to_object(OmegaConf.merge(schema, OmegaConf.load(CONF / f"{name}.yaml"), overrides))
+
+
+def test_every_preset_is_there():
+    expected = {"gpt_tiny", "gpt_mini", "gpt_124m", "gpt_355m", "gpt_1b", "gpt_2b", "gpt_4b", "gpt_8b"}
+    assert expected <= set(GPT_PRESETS)
+
+
+@pytest.mark.parametrize("name", GPT_PRESETS)
+def test_preset_loads_into_the_schema_and_is_valid(name):
+    cfg = load_preset(name)
+    cfg.validate(tp=1)
+    assert cfg.arch == "gpt"
+
+
+def test_unknown_key_in_a_preset_is_an_error():
+    with pytest.raises(Exception, match="hiden"):
+        OmegaConf.merge(OmegaConf.structured(ModelConfig), {"hiden": 12})
+
+
+@pytest.mark.parametrize(
+    "name, rounded",
+    [("gpt_355m", "0.36"), ("gpt_1b", "1.2"), ("gpt_2b", "2.5"), ("gpt_4b", "4.2"), ("gpt_8b", "8.3")],
+)
+def test_parameter_counts_follow_the_papers_formula_on_the_meta_device(name, rounded):
+    cfg = load_preset(name, vocab_size=51200)  # the paper's padded vocabulary
+    with torch.device("meta"):
+        model = GPTModel(cfg)
+    assert all(p.is_meta for p in model.parameters())
+    count = sum(p.numel() for p in model.parameters())
+    l, h, v, s = cfg.layers, cfg.hidden, cfg.vocab_size, cfg.seq_len
+    # 12 l h^2 (1 + 13/(12h) + (V+s)/(12 l h)), in integers; the formula leaves out the final layernorm (2h).
+    paper = 12 * l * h * h + 13 * l * h + (v + s) * h
+    assert count - 2 * h == paper
+    assert f"{paper / 1e9:.{len(rounded.split('.')[1])}f}" == rounded
+    if name == "gpt_8b":
+        assert paper == 8_317_034_496  # DESIGN.md's worked example
+
+
+def test_gpt_8b_at_tp8_pads_the_gpt2_vocabulary_to_the_papers_51200():
+    cfg = load_preset("gpt_8b")
+    assert cfg.vocab_size == 50257
+    with torch.device("meta"), state.use(state.virtual(tp=8)):
+        shard = GPTModel(cfg)
+    total = sum(p.numel() * (8 if ShardSpec.of(p).dim is not None else 1) for p in shard.parameters())
+    l, h = cfg.layers, cfg.hidden
+    assert total - 2 * h == 12 * l * h * h + 13 * l * h + (51200 + 1024) * h

@@ -1,0 +1,48 @@
+import torch
+import torch.distributed as dist
+
+from megatron_exp.parallel import state
+from megatron_exp.parallel.mappings import f, g, gather_last_dim, split_last_dim
+from megatron_exp.parallel.state import Group
+from tests.distributed import run_on_ranks
+
+
+def test_operators_are_the_identity_object_at_tp1():
+    x = torch.randn(3, 4, requires_grad=True)
+    for op in (f, g, split_last_dim, gather_last_dim):
+        assert op(x, Group()) is x
+
+
+def _check_operators():
+    tp = state.current().tp
+    rank = tp.rank
+    # Each rank holds different data, so sums and concatenations are recognisable.
+    x = torch.full((2, 3), float(rank + 1), dtype=torch.float64, requires_grad=True)
+
+    y = f(x, tp)
+    assert torch.equal(y, x)
+    y.backward(torch.full_like(y, float(rank + 1)))
+    assert torch.equal(x.grad, torch.full_like(x, 3.0))  # gradients summed: 1 + 2
+
+    x.grad = None
+    y = g(x, tp)
+    assert torch.equal(y, torch.full_like(x, 3.0))
+    y.backward(torch.full_like(y, 7.0))
+    assert torch.equal(x.grad, torch.full_like(x, 7.0))  # gradient passed through
+
+    full = torch.arange(8, dtype=torch.float64).reshape(2, 4).requires_grad_()
+    part = split_last_dim(full, tp)
+    assert torch.equal(part, full[:, 2 * rank : 2 * rank + 2])
+    part.backward(torch.ones_like(part))
+    assert torch.equal(full.grad, torch.ones_like(full))  # every slice's gradient gathered
+
+    part = torch.full((2, 2), float(rank), dtype=torch.float64, requires_grad=True)
+    gathered = gather_last_dim(part, tp)
+    assert torch.equal(gathered, torch.tensor([[0.0, 0.0, 1.0, 1.0]] * 2, dtype=torch.float64))
+    gathered.backward(torch.arange(8, dtype=torch.float64).reshape(2, 4))
+    assert torch.equal(part.grad, torch.arange(8, dtype=torch.float64).reshape(2, 4)[:, 2 * rank : 2 * rank + 2])
+    assert dist.get_world_size() == 2
+
+
+def test_f_g_split_gather_forward_and_backward_at_tp2():
+    run_on_ranks(2, _check_operators)
