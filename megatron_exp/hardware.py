@@ -1,0 +1,72 @@
+"""What the devices can do: peak FLOP/s, memory and count, from a hardware preset or detected.
+
+GPU peaks are dense bf16/fp16 datasheet numbers. A CPU has no datasheet peak worth trusting, so it is measured:
+a large fp32 matmul on all cores, the ceiling that a training step on this CPU could reach.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from megatron_exp.config import HardwareConfig
+
+# Dense bf16/fp16 TFLOP/s by a substring of torch.cuda.get_device_name(); the first match wins.
+GPU_PEAK_TFLOPS = [("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("A100", 312.0), ("V100", 125.0)]
+
+
+def cpu_memory_gb() -> float:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+
+
+def detect() -> HardwareConfig:
+    """The `auto` preset: the visible GPU kind, or the CPU."""
+    if not torch.cuda.is_available():
+        return HardwareConfig(name="cpu", device="cpu", backend="gloo", precision="fp32")
+    gpu = torch.cuda.get_device_name(0)
+    peak = next((tflops for key, tflops in GPU_PEAK_TFLOPS if key in gpu), None)
+    bf16 = torch.cuda.is_bf16_supported()
+    return HardwareConfig(
+        name=gpu,
+        device="cuda",
+        backend="nccl",
+        precision="bf16" if bf16 else "fp16",
+        peak_tflops=peak,
+        memory_gb=torch.cuda.get_device_properties(0).total_memory / 1e9,
+        devices_per_node=torch.cuda.device_count(),
+    )
+
+
+def measure_cpu_matmul_tflops(size: int = 2048, seconds: float = 1.0) -> float:
+    """fp32 matmul throughput of this process's threads (use all cores: it is the machine's ceiling)."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b  # warm-up
+    count, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds:
+        a @ b
+        count += 1
+    return 2 * size**3 * count / elapsed / 1e12
+
+
+def resolve(hw: HardwareConfig, workers_sharing_cpu: int, measure_peak: bool = True) -> HardwareConfig:
+    """Fill every field left at "auto"/None from the machine. On CPU the peak per worker is the measured matmul
+    ceiling of the whole CPU divided by the workers that share it (left unknown without `measure_peak`)."""
+    detected = detect() if hw.device in ("auto", "cuda") else HardwareConfig(name="cpu", device="cpu")
+    if hw.device == "cpu":
+        detected.backend, detected.precision = "gloo", "fp32"
+    values = {}
+    for name, value in vars(hw).items():
+        auto = value is None or value == "auto"
+        values[name] = getattr(detected, name) if auto else value
+    if values["name"] == "auto":
+        values["name"] = detected.name
+    resolved = HardwareConfig(**values)
+    if resolved.device == "cpu":
+        if resolved.memory_gb is None:
+            resolved.memory_gb = cpu_memory_gb()
+        if resolved.peak_tflops is None and measure_peak:
+            resolved.peak_tflops = measure_cpu_matmul_tflops() / workers_sharing_cpu
+            resolved.name = f"cpu (peak = measured fp32 matmul / {workers_sharing_cpu} workers)"
+    return resolved

@@ -1,0 +1,130 @@
+"""Start the workers: spawn tp x dp processes on this node through torch's elastic launcher (the engine behind
+torchrun), or, when this process was itself started by torchrun, join that job as one of its ranks.
+
+A failing worker stops the others (no restarts) and the launcher raises with that worker's error; collectives
+time out after parallel.timeout_s instead of hanging.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import uuid
+from dataclasses import asdict
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
+from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+from megatron_exp.config import Config
+from megatron_exp.parallel import state
+
+log = logging.getLogger(__name__)
+
+
+def started_by_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ and "LOCAL_RANK" in os.environ
+
+
+def to_config(container: dict) -> Config:
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), container))
+
+
+def _setup_worker_logging(rank: int) -> None:
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"[rank {rank}] %(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stdout,
+        force=True,
+    )
+
+
+def run_worker(cfg: Config) -> dict:
+    """Body of one rank: process grid, then the trainer."""
+    from megatron_exp.training.trainer import Trainer, wandb_settings
+
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if cfg.hardware.device == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    else:
+        torch.cuda.set_device(local_rank)
+    timeout = timedelta(seconds=cfg.parallel.timeout_s)
+    grid = state.initialize(cfg.parallel.tp, cfg.parallel.pp, backend=cfg.hardware.backend, timeout=timeout)
+    try:
+        result = Trainer(cfg, grid, wandb_settings(cfg) if grid.rank == 0 else None).run()
+        dist.barrier()  # tear down together: gloo can abort if a peer destroys its groups mid-exchange
+        return result
+    finally:
+        state.destroy()
+
+
+@record
+def _spawned_worker(container: dict) -> dict:
+    """Entry point of a worker spawned by `spawn`; @record passes its exception back to the launcher."""
+    _setup_worker_logging(int(os.environ["RANK"]))
+    return run_worker(to_config(container))
+
+
+class WorkerFailed(RuntimeError):
+    """A worker exited with an error; the message names the rank and carries its error."""
+
+
+def spawn(cfg: Config) -> dict:
+    """Run tp x dp x pp workers on this node and wait for them; returns rank 0's final metrics."""
+    workers = cfg.parallel.tp * cfg.parallel.dp * cfg.parallel.pp
+    logs = Path(cfg.run_dir) / "logs"
+    launch = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=workers,
+        run_id=f"megatron-exp-{uuid.uuid4().hex[:8]}",
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",
+        max_restarts=0,
+        monitor_interval=0.5,
+        start_method="spawn",
+        logs_specs=DefaultLogsSpecs(log_dir=str(logs), tee=Std.ALL),  # each rank's output: console + file
+    )
+    # The agent would dump each failed worker's traceback again; it is already on the console and in the logs.
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
+    try:
+        results = elastic_launch(launch, _spawned_worker)(asdict(cfg))
+    except ChildFailedError as failure:
+        rank, first = failure.get_first_failure()
+        message = first.message.get("message", "") if isinstance(first.message, dict) else first.message
+        raise WorkerFailed(
+            f"worker rank {rank} failed (exit code {first.exitcode}): {str(message).strip()} (logs: {logs})"
+        ) from None
+    return results[0]
+
+
+def init_joined_job(cfg: Config) -> None:
+    """Join the torchrun job's default process group (needed before ranks can agree on anything)."""
+    backend = cfg.hardware.backend if cfg.hardware.backend != "auto" else state.default_backend()
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group(backend=backend, timeout=timedelta(seconds=cfg.parallel.timeout_s))
+
+
+def agree_on_run_dir(my_run_dir: str) -> str:
+    """Rank 0's run directory for every rank (each torchrun rank composed its own, maybe a second apart)."""
+    chosen = [my_run_dir]
+    dist.broadcast_object_list(chosen, src=0)
+    if chosen[0] != my_run_dir:
+        _remove_if_only_hydra_files(Path(my_run_dir))
+    return chosen[0]
+
+
+def _remove_if_only_hydra_files(path: Path) -> None:
+    import shutil
+
+    if path.is_dir() and all(p.name in (".hydra", "train.log") for p in path.iterdir()):
+        shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,138 @@
+"""Everything checked before a worker starts: fill in derived values, then fail fast with one clear line.
+
+Each ConfigError names the key at fault and a fix. The memory check counts one rank's parameters on the meta
+device (nothing is allocated) at 16 bytes each: fp32 weights, gradients, and Adam's two moments.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from megatron_exp import hardware
+from megatron_exp.config import Config, ConfigError
+from megatron_exp.models.gpt import GPTModel
+from megatron_exp.parallel import state
+from megatron_exp.parallel.sharding import ShardSpec
+
+log = logging.getLogger(__name__)
+
+BYTES_PER_PARAMETER = 16  # fp32 weight + fp32 gradient + Adam exp_avg + exp_avg_sq
+
+
+def resolve(cfg: Config, world_size: int | None = None, measure_peak: bool = True) -> Config:
+    """Fill derived values in place: DP degree, global batch, sequence length, schedule length, hardware.
+
+    `world_size` is given when joining an existing job (torchrun); otherwise this process launches tp x dp x pp.
+    """
+    par = cfg.parallel
+    if par.dp is None:
+        par.dp = world_size // (par.tp * par.pp) if world_size else 1
+    if par.global_batch is None:
+        par.global_batch = par.micro_batch * par.dp
+    if cfg.data.seq_len is None:
+        cfg.data.seq_len = cfg.model.seq_len
+    if cfg.optimizer.decay_iters is None:
+        cfg.optimizer.decay_iters = cfg.train.iterations
+    cfg.hardware = hardware.resolve(cfg.hardware, par.tp * par.dp * par.pp, measure_peak)
+    return cfg
+
+
+def parameter_counts(cfg: Config) -> tuple[int, int]:
+    """(parameters on the largest rank, parameters of the whole model), counted on the meta device."""
+    with torch.device("meta"), state.use(state.virtual(cfg.parallel.tp)):
+        shard = GPTModel(cfg.model)
+    per_rank = sum(p.numel() for p in shard.parameters())
+    total = sum(p.numel() * (cfg.parallel.tp if ShardSpec.of(p).dim is not None else 1) for p in shard.parameters())
+    return per_rank, total
+
+
+def _positive(values: dict[str, int | float]) -> None:
+    for key, value in values.items():
+        if value is None or value < 1:
+            raise ConfigError(f"{key}={value} must be a positive integer")
+
+
+def validate(cfg: Config, world_size: int | None = None) -> None:
+    par, hw = cfg.parallel, cfg.hardware
+    _positive({"parallel.tp": par.tp, "parallel.dp": par.dp, "parallel.micro_batch": par.micro_batch})
+    _positive({"train.iterations": cfg.train.iterations, "train.log_interval": cfg.train.log_interval})
+    _positive({"train.eval_iters": cfg.train.eval_iters, "data.seq_len": cfg.data.seq_len})
+    if par.pp != 1:
+        raise ConfigError(f"parallel.pp={par.pp}: pipeline parallelism is not implemented yet; use parallel.pp=1")
+    cfg.model.validate(par.tp)
+
+    per_replica = par.micro_batch * par.dp
+    if par.global_batch % per_replica:
+        lower = max(per_replica, par.global_batch // per_replica * per_replica)
+        raise ConfigError(
+            f"parallel.global_batch={par.global_batch} is not a multiple of parallel.micro_batch x dp = "
+            f"{par.micro_batch} x {par.dp}: use {lower} or {lower + per_replica}"
+        )
+    if cfg.data.seq_len > cfg.model.seq_len:
+        raise ConfigError(
+            f"data.seq_len={cfg.data.seq_len} exceeds model.seq_len={cfg.model.seq_len} (learned positions): "
+            f"lower data.seq_len or raise model.seq_len"
+        )
+    if cfg.optimizer.decay_style not in ("cosine", "linear", "constant"):
+        raise ConfigError(f"optimizer.decay_style={cfg.optimizer.decay_style} is unknown: cosine, linear or constant")
+    if hw.precision not in ("fp32", "bf16", "fp16"):
+        raise ConfigError(f"hardware.precision={hw.precision} is unknown: fp32, bf16 or fp16")
+
+    workers = par.tp * par.dp * par.pp
+    if world_size is not None and world_size != workers:
+        raise ConfigError(
+            f"parallel.tp x dp x pp = {par.tp} x {par.dp} x {par.pp} = {workers} but the job has {world_size} "
+            f"processes: set parallel.dp={world_size // (par.tp * par.pp)} or start {workers} processes"
+        )
+    _check_devices(cfg, workers, joined=world_size is not None)
+    _check_memory(cfg, workers)
+
+
+def _check_devices(cfg: Config, workers: int, joined: bool) -> None:
+    hw = cfg.hardware
+    if hw.device == "cuda":
+        visible = torch.cuda.device_count()
+        if visible == 0:
+            raise ConfigError(
+                f"hardware={hw.name} needs CUDA GPUs but torch sees none: use hardware=cpu (or auto) on this machine"
+            )
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", workers)) if joined else workers
+        if local > visible:
+            raise ConfigError(
+                f"parallel.tp x parallel.dp = {workers} workers need {local} GPUs on this node but {visible} are "
+                "visible: lower parallel.tp/parallel.dp, or start the job with torchrun across nodes "
+                "(python -m megatron_exp.plan shows what fits)"
+            )
+    elif hw.device == "cpu":
+        cores = os.cpu_count() or 1
+        if workers > cores:
+            log.warning("%d CPU workers share %d cores: each is slower, results are the same", workers, cores)
+        if hw.precision != "fp32":
+            log.warning("hardware.precision=%s on CPU is far slower than fp32 here", hw.precision)
+    else:
+        raise ConfigError(f"hardware.device={hw.device} is unknown: cpu or cuda")
+
+
+def _check_memory(cfg: Config, workers: int) -> None:
+    hw = cfg.hardware
+    if hw.memory_gb is None:
+        return
+    per_rank, total = parameter_counts(cfg)
+    need_rank = per_rank * BYTES_PER_PARAMETER / 1e9
+    need_total = total * BYTES_PER_PARAMETER / 1e9
+    # GPUs each hold one rank; CPU workers share the machine's memory.
+    need, have = (need_rank, hw.memory_gb) if hw.device == "cuda" else (need_rank * workers, hw.memory_gb)
+    if need > have:
+        where = (
+            f"each {hw.name} GPU has {have:.0f} GB" if hw.device == "cuda" else f"this CPU machine has {have:.0f} GB"
+        )
+        raise ConfigError(
+            f"model={cfg.model.name} with parallel.tp={cfg.parallel.tp} needs ~{need_total:.0f} GB for weights, "
+            f"gradients and Adam state ({total / 1e9:.2f}B parameters x {BYTES_PER_PARAMETER} bytes; "
+            f"~{need_rank:.1f} GB on each of {cfg.parallel.tp} TP ranks) but {where}: run it on "
+            f"{cfg.parallel.tp} GPUs with more than {need_rank:.0f} GB each (e.g. hardware=h100), raise "
+            "parallel.tp, or choose a smaller model"
+        )

@@ -1,0 +1,85 @@
+"""`python -m megatron_exp.train [group=option ...] [key=value ...]`: compose the config with Hydra, check it,
+prepare the data once, then start tp x dp workers (or join the torchrun job that started this process).
+
+Exit codes: 0 done; 2 the configuration or data cannot run (one line says which key and how to fix it);
+1 a worker failed (its rank and error are printed; every rank's log is in the run directory).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import hydra
+import torch.distributed as dist
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from megatron_exp import launch, preflight
+from megatron_exp.config import Config, ConfigError
+from megatron_exp.data import token_store
+
+log = logging.getLogger("megatron_exp.train")
+
+ConfigStore.instance().store(name="schema", node=Config)
+
+
+def _prepare_data(cfg: Config) -> None:
+    """Build (or find) the token cache and check the model's vocabulary holds the tokenizer's."""
+    path = token_store.prepare(cfg.data)
+    tokenizer_vocab = token_store.read_meta(path)["vocab_size"]
+    if tokenizer_vocab > cfg.model.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {tokenizer_vocab} entries: "
+            f"set model.vocab_size={tokenizer_vocab} (or leave it to follow data.tokenizer.vocab_size)"
+        )
+
+
+def _save_config(cfg: Config) -> None:
+    run_dir = Path(cfg.run_dir)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+
+
+def run(cfg: Config) -> dict:
+    joined = launch.started_by_torchrun()
+    world_size = int(os.environ["WORLD_SIZE"]) if joined else None
+    cfg.run_dir = HydraConfig.get().runtime.output_dir
+    if joined:
+        launch.init_joined_job(cfg)
+        cfg.run_dir = launch.agree_on_run_dir(cfg.run_dir)
+    try:
+        preflight.resolve(cfg, world_size)
+        preflight.validate(cfg, world_size)
+        if joined:  # each node's local rank 0 builds the data cache; the others then find it
+            if int(os.environ["LOCAL_RANK"]) == 0:
+                _prepare_data(cfg)
+            dist.barrier()
+        _prepare_data(cfg)
+    except ConfigError as error:
+        log.error("error: %s", error)
+        sys.exit(2)
+    if not joined or int(os.environ["RANK"]) == 0:
+        _save_config(cfg)
+    log.info("run directory: %s", cfg.run_dir)
+    try:
+        result = launch.run_worker(cfg) if joined else launch.spawn(cfg)
+    except launch.WorkerFailed as error:
+        log.error("error: %s", error)
+        sys.exit(1)
+    if result:
+        (Path(cfg.run_dir) / "results.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(raw: DictConfig) -> dict:
+    cfg: Config = OmegaConf.to_object(raw)
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    main()

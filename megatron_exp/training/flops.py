@@ -1,0 +1,32 @@
+"""FLOPs of one training iteration of a GPT, for throughput, MFU and HFU.
+
+Model FLOPs (Korthikanti et al. 2022, eq. 7; no recomputation counted):
+    72 B s L h^2 (1 + s/(6h) + V/(12 L h))
+With full activation recomputation (Narayanan et al. 2021, eq. 3), the FLOPs the hardware executes:
+    96 B s L h^2 (1 + s/(6h) + V/(16 L h))
+B sequences of s tokens, L layers, hidden h, (padded) vocabulary V. Attention convention: the full s x s score
+matrix is counted (not halved for the causal mask), as in both papers.
+
+MFU = model FLOPs per second / peak of the devices used; HFU uses the executed FLOPs.
+"""
+
+from __future__ import annotations
+
+ATTENTION_CONVENTION = "full s^2 attention (causal mask not halved)"
+
+
+def model_flops(batch: int, seq: int, layers: int, hidden: int, vocab: int) -> float:
+    b, s, l, h, v = batch, seq, layers, hidden, vocab
+    return 72 * b * s * l * h**2 * (1 + s / (6 * h) + v / (12 * l * h))
+
+
+def hardware_flops(batch: int, seq: int, layers: int, hidden: int, vocab: int, recompute: bool) -> float:
+    if not recompute:
+        return model_flops(batch, seq, layers, hidden, vocab)
+    b, s, l, h, v = batch, seq, layers, hidden, vocab
+    return 96 * b * s * l * h**2 * (1 + s / (6 * h) + v / (16 * l * h))
+
+
+def utilization(flops_per_iteration: float, seconds_per_iteration: float, devices: int, peak_tflops: float) -> float:
+    """Fraction of the devices' peak that `flops_per_iteration` in `seconds_per_iteration` represents."""
+    return flops_per_iteration / seconds_per_iteration / devices / (peak_tflops * 1e12)

@@ -1,0 +1,100 @@
+"""Adam with decoupled weight decay, the warmup + decay schedule, TP-aware clipping, and fp16 loss scaling."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megatron_exp.config import OptimizerConfig
+from megatron_exp.parallel.mappings import all_reduce_
+from megatron_exp.parallel.sharding import ShardSpec
+from megatron_exp.parallel.state import ProcessGrid
+
+
+def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.AdamW:
+    """AdamW; biases and layernorm parameters (every 1-D parameter) are not decayed."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # One fused kernel on GPU; on CPU the multi-tensor (foreach) path, not a Python loop over parameters.
+    kernel = {"fused": True} if all(p.is_cuda for p in decay + no_decay) else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **kernel)
+
+
+def learning_rate(cfg: OptimizerConfig, iteration: int, total_iterations: int) -> float:
+    """Linear warmup from 0 over warmup_iters, then cosine (or linear) decay to min_lr at decay_iters, then flat.
+
+    `iteration` counts optimizer steps from 1.
+    """
+    if iteration <= cfg.warmup_iters:
+        return cfg.lr * iteration / max(1, cfg.warmup_iters)
+    if cfg.decay_style == "constant":
+        return cfg.lr
+    decay_iters = cfg.decay_iters or total_iterations
+    progress = min(1.0, (iteration - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters))
+    fraction = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.decay_style == "cosine" else 1 - progress
+    return cfg.min_lr + (cfg.lr - cfg.min_lr) * fraction
+
+
+def grad_norm(parameters: list[nn.Parameter], grid: ProcessGrid) -> torch.Tensor:
+    """Global L2 norm of the gradients of the whole (unsplit) model, the same on every rank.
+
+    TP-split parameters contribute their slice on every TP rank; replicated ones (identical on all TP ranks) are
+    counted on TP rank 0 only, so they are counted once. DP replicas hold identical averaged gradients.
+    """
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    device = grads[0].device
+    split = [g for p, g in zip(parameters, grads, strict=True) if ShardSpec.of(p).dim is not None]
+    replicated = [g for p, g in zip(parameters, grads, strict=True) if ShardSpec.of(p).dim is None]
+    squares = torch.zeros((), device=device, dtype=torch.float32)
+    if split:
+        squares += torch.nn.utils.get_total_norm(split).float() ** 2
+    if replicated and grid.tp.rank == 0:
+        squares += torch.nn.utils.get_total_norm(replicated).float() ** 2
+    return all_reduce_(squares, grid.tp).sqrt()
+
+
+def clip_gradients_(parameters: list[nn.Parameter], max_norm: float, grid: ProcessGrid) -> torch.Tensor:
+    """Scale gradients so their global norm is at most `max_norm` (no-op for 0); returns the norm before."""
+    norm = grad_norm(parameters, grid)
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, norm)
+    return norm
+
+
+class DynamicLossScaler:
+    """fp16 loss scaling: halve the scale and skip the step on overflow; double it after `growth_interval` clean
+    steps. The overflow decision is all-reduced so every rank skips the same steps."""
+
+    def __init__(self, initial_scale: float = 2.0**16, growth_interval: int = 1000, min_scale: float = 1.0):
+        self.scale, self.growth_interval, self.min_scale = initial_scale, growth_interval, min_scale
+        self.clean_steps = 0
+
+    def unscale_and_check(self, parameters: list[nn.Parameter]) -> bool:
+        """Divide gradients by the scale; True when some rank's gradients overflowed (the step must be skipped)."""
+        grads = [p.grad for p in parameters if p.grad is not None]
+        torch._foreach_mul_(grads, 1.0 / self.scale)
+        overflow = torch.stack([(~torch.isfinite(g)).any() for g in grads]).any().float()
+        if dist.is_initialized():
+            dist.all_reduce(overflow, op=dist.ReduceOp.MAX)
+        return bool(overflow.item())
+
+    def update(self, overflow: bool) -> None:
+        if overflow:
+            self.scale = max(self.min_scale, self.scale / 2)
+            self.clean_steps = 0
+        else:
+            self.clean_steps += 1
+            if self.clean_steps % self.growth_interval == 0:
+                self.scale *= 2
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale, "clean_steps": self.clean_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scale, self.clean_steps = state["scale"], state["clean_steps"]

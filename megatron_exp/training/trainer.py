@@ -1,0 +1,253 @@
+"""The training loop of one worker: micro-batches with gradient accumulation, DP averaging, clipping, the
+optimizer step, periodic validation, a final test evaluation, and metrics from global rank 0."""
+
+from __future__ import annotations
+
+import logging
+import math
+import resource
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from megatron_exp.config import Config, HardwareConfig
+from megatron_exp.data import token_store
+from megatron_exp.data.gpt_dataset import GPTSamples, micro_batch_positions
+from megatron_exp.models.gpt import GPTModel
+from megatron_exp.parallel import random
+from megatron_exp.parallel.mappings import all_reduce_
+from megatron_exp.parallel.state import ProcessGrid
+from megatron_exp.training import flops
+from megatron_exp.training.metrics import MetricSinks
+from megatron_exp.training.optim import DynamicLossScaler, build_optimizer, clip_gradients_, learning_rate
+
+log = logging.getLogger(__name__)
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+def device_of(hardware: HardwareConfig) -> torch.device:
+    if hardware.device == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kilobytes on Linux
+
+
+class Trainer:
+    def __init__(self, cfg: Config, grid: ProcessGrid, wandb_config: dict | None = None):
+        self.cfg, self.grid = cfg, grid
+        par = cfg.parallel
+        self.device = device_of(cfg.hardware)
+        self.seq_len = cfg.data.seq_len
+        self.accumulation = par.global_batch // (par.micro_batch * grid.dp.size)
+        random.seed(cfg.train.seed, grid.tp.rank, self.device)
+
+        with torch.device(self.device):
+            self.model = GPTModel(cfg.model, activation_checkpointing=par.activation_checkpointing, seed=cfg.train.seed)
+        self.forward_model = self.model
+        if grid.dp.size > 1:  # bucketed gradient all-reduce over the DP group, overlapped with backward
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.forward_model = DistributedDataParallel(self.model, device_ids, process_group=grid.dp.handle)
+        self.parameters = list(self.model.parameters())
+        self.optimizer = build_optimizer(self.model, cfg.optimizer)
+        self.scaler = DynamicLossScaler() if cfg.hardware.precision == "fp16" else None
+        dtype = AUTOCAST_DTYPES.get(cfg.hardware.precision)
+        self.autocast = (lambda: torch.autocast(self.device.type, dtype=dtype)) if dtype else nullcontext
+
+        cache = token_store.cache_path(cfg.data)
+        seed = cfg.train.seed
+        self.splits = {
+            split: GPTSamples(token_store.load_tokens(cache, split), self.seq_len, seed, split == "train", split)
+            for split in ("train", "valid", "test")
+        }
+
+        m = cfg.model
+        vocab = self.model.embedding.padded_vocab_size
+        self.model_flops = flops.model_flops(par.global_batch, self.seq_len, m.layers, m.hidden, vocab)
+        self.hardware_flops = flops.hardware_flops(
+            par.global_batch, self.seq_len, m.layers, m.hidden, vocab, par.activation_checkpointing
+        )
+        self.sinks = None
+        if grid.rank == 0:
+            self.sinks = MetricSinks(Path(cfg.run_dir), cfg.train.iterations, wandb_config)
+            self._log_setup()
+
+    def _log_setup(self) -> None:
+        cfg, grid = self.cfg, self.grid
+        shard = sum(p.numel() for p in self.parameters)
+        log.info(
+            "model: %s, %.2fM parameters on rank 0 (TP shard) | grid: tp=%d dp=%d | %s, %s | global batch %d = "
+            "micro %d x dp %d x accumulation %d, seq %d",
+            cfg.model.name, shard / 1e6, grid.tp.size, grid.dp.size, self.device, cfg.hardware.precision,
+            cfg.parallel.global_batch, cfg.parallel.micro_batch, grid.dp.size, self.accumulation, self.seq_len,
+        )  # fmt: skip
+        peak = cfg.hardware.peak_tflops
+        log.info(
+            "FLOPs: %.3g per iteration (model), %.3g executed; %s; peak %s TFLOP/s per device (%s)",
+            self.model_flops, self.hardware_flops, flops.ATTENTION_CONVENTION,
+            "unknown" if peak is None else f"{peak:.4g}", cfg.hardware.name,
+        )  # fmt: skip
+
+    def _micro_batch(self, split: str, iteration: int, micro: int) -> torch.Tensor:
+        par, dp = self.cfg.parallel, self.grid.dp
+        positions = micro_batch_positions(iteration, micro, par.global_batch, par.micro_batch, dp.size, dp.rank)
+        return self.splits[split].batch(positions).to(self.device, non_blocking=True)
+
+    def _dp_mean(self, values: list[float | torch.Tensor]) -> list[float]:
+        """Average per-rank values over the DP group (one collective, one host sync)."""
+        stacked = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=self.device) for v in values])
+        if self.grid.dp.size > 1:
+            all_reduce_(stacked, self.grid.dp)
+            stacked /= self.grid.dp.size
+        return stacked.tolist()
+
+    def train_step(self, iteration: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """One optimizer step (iteration counts from 1); returns the mean loss, grad norm and whether skipped."""
+        lr = learning_rate(self.cfg.optimizer, iteration, self.cfg.train.iterations)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=self.device)
+        for micro in range(self.accumulation):
+            tokens = self._micro_batch("train", iteration - 1, micro)
+            last = micro == self.accumulation - 1
+            sync = nullcontext() if last or self.forward_model is self.model else self.forward_model.no_sync()
+            with sync:
+                with self.autocast():
+                    logits = self.forward_model(tokens[:, :-1])
+                loss = self.model.loss(logits, tokens[:, 1:]) / self.accumulation
+                (loss * self.scaler.scale if self.scaler else loss).backward()
+            loss_sum += loss.detach()
+        skipped = self.scaler.unscale_and_check(self.parameters) if self.scaler else False
+        if skipped:
+            norm = torch.full((), float("nan"), device=self.device)
+        else:
+            norm = clip_gradients_(self.parameters, self.cfg.optimizer.clip_grad, self.grid)
+            self.optimizer.step()
+        if self.scaler:
+            self.scaler.update(skipped)
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_sum, norm, skipped
+
+    @torch.no_grad()
+    def evaluate(self, split: str, batches: int) -> float:
+        """Mean token loss over `batches` global batches of `split`, read in order from its start."""
+        self.model.eval()
+        total = torch.zeros((), device=self.device)
+        for i in range(batches):
+            for micro in range(self.accumulation):
+                tokens = self._micro_batch(split, i, micro)
+                with self.autocast():
+                    logits = self.model(tokens[:, :-1])
+                total += self.model.loss(logits, tokens[:, 1:])
+        self.model.train()
+        return self._dp_mean([total / (batches * self.accumulation)])[0]
+
+    def _eval_record(self, iteration: int, final: bool) -> dict:
+        record = {"iteration": iteration}
+        splits = {"valid": self.cfg.train.eval_iters}
+        if final:  # the whole test split, once
+            splits["test"] = max(1, len(self.splits["test"]) // self.cfg.parallel.global_batch)
+        for split, batches in splits.items():
+            loss = self.evaluate(split, batches)
+            record |= {f"{split}/loss": loss, f"{split}/ppl": math.exp(min(loss, 700.0))}
+        return record
+
+    def _train_record(self, iteration: int, steps: int, loss: float, norm: float, skipped: int, seconds: float):
+        cfg = self.cfg
+        step_time = seconds / steps
+        world = self.grid.world_size
+        record = {
+            "iteration": iteration,
+            "train/loss": loss,
+            "train/ppl": math.exp(min(loss, 700.0)),
+            "train/lr": learning_rate(cfg.optimizer, iteration, cfg.train.iterations),
+            "train/grad_norm": norm,
+            "train/skipped_steps": skipped,
+            "perf/step_time_s": step_time,
+            "perf/tokens_per_s": cfg.parallel.global_batch * self.seq_len / step_time,
+            "perf/tflops_per_device": self.model_flops / step_time / world / 1e12,
+            "perf/peak_memory_gb": peak_memory_gb(self.device),
+        }
+        if self.scaler:
+            record["train/loss_scale"] = self.scaler.scale
+        if cfg.hardware.peak_tflops:
+            peak = cfg.hardware.peak_tflops
+            record["perf/mfu"] = flops.utilization(self.model_flops, step_time, world, peak)
+            record["perf/hfu"] = flops.utilization(self.hardware_flops, step_time, world, peak)
+        return record
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        loss_window = torch.zeros((), device=self.device)
+        norm_window = torch.zeros((), device=self.device)
+        steps = skipped = 0
+        window_start = time.perf_counter()
+        record = {}
+        for iteration in range(1, cfg.train.iterations + 1):
+            loss, norm, was_skipped = self.train_step(iteration)
+            steps += 1
+            skipped += was_skipped
+            loss_window += loss
+            if not was_skipped:
+                norm_window += norm
+            last = iteration == cfg.train.iterations
+            if iteration % cfg.train.log_interval == 0 or last:
+                mean_loss, sum_norm = self._dp_mean([loss_window / steps, norm_window])
+                if not math.isfinite(mean_loss):
+                    raise TrainingDiverged(
+                        f"loss became {mean_loss} within iterations {iteration - steps + 1}-{iteration}: lower "
+                        f"optimizer.lr (now {cfg.optimizer.lr}) or raise optimizer.warmup_iters; with fp16, try bf16"
+                    )
+                seconds = time.perf_counter() - window_start
+                mean_norm = sum_norm / max(1, steps - skipped)
+                record = self._train_record(iteration, steps, mean_loss, mean_norm, skipped, seconds)
+                if self.sinks:
+                    self.sinks.log(record)
+                loss_window.zero_()
+                norm_window.zero_()
+                steps = skipped = 0
+                window_start = time.perf_counter()
+            if last or (cfg.train.eval_interval and iteration % cfg.train.eval_interval == 0):
+                eval_start = time.perf_counter()
+                eval_record = self._eval_record(iteration, final=last)
+                record |= eval_record
+                if self.sinks:
+                    self.sinks.log(eval_record)
+                window_start += time.perf_counter() - eval_start  # evaluation time is not training time
+        if self.sinks:
+            self.sinks.close()
+        return record
+
+
+def wandb_settings(cfg: Config) -> dict | None:
+    """Arguments for wandb.init, or None when W&B is off."""
+    lg = cfg.logger
+    if not lg.wandb or lg.mode == "disabled":
+        return None
+    import wandb
+
+    return {
+        "project": lg.project,
+        "entity": lg.entity,
+        "name": lg.name or Path(cfg.run_dir).name,
+        "group": lg.group,
+        "tags": list(lg.tags),
+        "job_type": lg.job_type,
+        "config": asdict(cfg),
+        "dir": cfg.run_dir,
+        "mode": lg.mode,
+        "settings": wandb.Settings(console="off", quiet=True, x_disable_stats=True, disable_git=True),
+    }

@@ -1,0 +1,87 @@
+"""End to end: `python -m megatron_exp.train` as a user runs it, in a subprocess, on a tiny model."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "model=gpt_tiny",
+    "model.hidden_dropout=0",
+    "model.attention_dropout=0",  # attention dropout masks are per TP rank: off, so TP=1 and TP=2 are comparable
+    "data.seq_len=64",
+    "parallel.micro_batch=4",
+    "train.iterations=40",
+    "train.log_interval=1",
+    "train.eval_interval=20",
+    "train.eval_iters=4",
+]
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("data-cache"))
+
+
+def train(run_dir: Path, *overrides: str, cache: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true"}
+    return subprocess.run(
+        [sys.executable, "-m", "megatron_exp.train", *overrides, f"data.cache_dir={cache}", f"hydra.run.dir={run_dir}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_training_end_to_end_at_tp1_and_tp2(tmp_path, shared_cache):
+    losses = {}
+    for tp in (1, 2):
+        run_dir = tmp_path / f"tp{tp}"
+        done = train(run_dir, *TINY, f"parallel.tp={tp}", cache=shared_cache)
+        assert done.returncode == 0, done.stdout + done.stderr
+        output = done.stdout + done.stderr
+        assert "MFU" in output and "ppl" in output and "valid loss" in output
+
+        assert f"tp: {tp}" in (run_dir / "config.yaml").read_text()  # the resolved config
+        assert sorted(p.name for p in (run_dir / "logs").rglob("stdout.log"))  # every rank's output kept
+        offline_runs = list((run_dir / "wandb").glob("offline-run-*"))
+        assert len(offline_runs) == 1 and list(offline_runs[0].glob("run-*.wandb"))  # one W&B run per job
+
+        metrics = records(run_dir)
+        train_records = [r for r in metrics if "train/loss" in r]
+        assert [r["iteration"] for r in train_records] == list(range(1, 41))
+        assert all(0 < r["perf/mfu"] < 1 and r["perf/tokens_per_s"] > 0 for r in train_records)
+        final = json.loads((run_dir / "results.json").read_text())
+        assert final["test/loss"] > 0 and final["valid/ppl"] == pytest.approx(2.718281828 ** final["valid/loss"])
+        assert final["valid/loss"] < train_records[0]["train/loss"] - 1.0, "validation loss must fall clearly"
+        losses[tp] = [r["train/loss"] for r in train_records]
+
+    for step, (serial, parallel) in enumerate(zip(losses[1][:5], losses[2][:5], strict=True), start=1):
+        assert parallel == pytest.approx(serial, rel=1e-5, abs=1e-5), f"TP=2 differs from TP=1 at step {step}"
+
+
+def test_a_failing_worker_stops_the_job_with_its_error(tmp_path, shared_cache):
+    overrides = [*TINY, "parallel.tp=2", "optimizer.lr=1e20", "optimizer.warmup_iters=0", "optimizer.clip_grad=0"]
+    done = train(tmp_path / "run", *overrides, "train.log_interval=2", "logger.wandb=false", cache=shared_cache)
+    assert done.returncode == 1
+    output = done.stdout + done.stderr
+    assert "error: worker rank" in output and "TrainingDiverged: loss became nan" in output
+
+
+def test_gpt_8b_at_tp8_fails_before_any_worker_starts(tmp_path, shared_cache):
+    run_dir = tmp_path / "run"
+    done = train(run_dir, "model=gpt_8b", "parallel.tp=8", "data/tokenizer=gpt2", cache=shared_cache)
+    assert done.returncode == 2
+    errors = [line for line in (done.stdout + done.stderr).splitlines() if "error:" in line]
+    assert len(errors) == 1 and "needs ~133 GB" in errors[0] and "run it on 8 GPUs" in errors[0]
+    assert not (run_dir / "logs").exists()

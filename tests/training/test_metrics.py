@@ -1,0 +1,92 @@
+import json
+import logging
+import sys
+import types
+
+from megatron_exp.training.metrics import MetricSinks, console_line
+
+TRAIN = {
+    "iteration": 10,
+    "train/loss": 5.0,
+    "train/ppl": 148.41,
+    "train/lr": 1e-3,
+    "train/grad_norm": 0.5,
+    "perf/tokens_per_s": 1000.0,
+    "perf/tflops_per_device": 0.05,
+    "perf/mfu": 0.25,
+    "perf/step_time_s": 0.2,
+}
+
+
+class FakeRun:
+    def __init__(self, fail_on_log=False):
+        self.logged, self.finished, self.fail_on_log = [], False, fail_on_log
+
+    def log(self, values, step):
+        if self.fail_on_log:
+            raise ConnectionError("network down")
+        self.logged.append((step, values))
+
+    def finish(self):
+        self.finished = True
+
+
+def _fake_wandb(monkeypatch, run=None, init_error=None):
+    module = types.ModuleType("wandb")
+    calls = []
+
+    def init(**kwargs):
+        calls.append(kwargs)
+        if init_error:
+            raise init_error
+        return run
+
+    module.init = init
+    monkeypatch.setitem(sys.modules, "wandb", module)
+    return calls
+
+
+def _jsonl(tmp_path):
+    return [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_jsonl_and_wandb_receive_the_same_values(tmp_path, monkeypatch):
+    run = FakeRun()
+    calls = _fake_wandb(monkeypatch, run)
+    sinks = MetricSinks(tmp_path, 100, {"project": "p", "group": "g", "job_type": "train"})
+    sinks.log(TRAIN)
+    sinks.log({"iteration": 10, "valid/loss": 4.0, "valid/ppl": 54.6})
+    sinks.close()
+    assert calls == [{"project": "p", "group": "g", "job_type": "train"}]
+    assert _jsonl(tmp_path) == [TRAIN, {"iteration": 10, "valid/loss": 4.0, "valid/ppl": 54.6}]
+    for (step, values), record in zip(run.logged, _jsonl(tmp_path), strict=True):
+        assert step == record["iteration"] and values == {k: v for k, v in record.items() if k != "iteration"}
+    assert run.finished
+
+
+def test_wandb_that_cannot_start_is_a_warning(tmp_path, monkeypatch, caplog):
+    _fake_wandb(monkeypatch, init_error=RuntimeError("no service"))
+    with caplog.at_level(logging.WARNING):
+        sinks = MetricSinks(tmp_path, 100, {"project": "p"})
+        sinks.log(TRAIN)
+        sinks.close()
+    assert "W&B could not start (no service); training continues" in caplog.text
+    assert _jsonl(tmp_path) == [TRAIN]
+
+
+def test_wandb_failing_mid_run_is_a_warning_and_logging_goes_on(tmp_path, monkeypatch, caplog):
+    _fake_wandb(monkeypatch, FakeRun(fail_on_log=True))
+    with caplog.at_level(logging.WARNING):
+        sinks = MetricSinks(tmp_path, 100, {"project": "p"})
+        sinks.log(TRAIN)
+        sinks.log({**TRAIN, "iteration": 20})
+        sinks.close()
+    assert caplog.text.count("W&B logging failed (network down)") == 1
+    assert [r["iteration"] for r in _jsonl(tmp_path)] == [10, 20]
+
+
+def test_console_line_shows_loss_ppl_and_mfu():
+    line = console_line(TRAIN, 100)
+    assert line.startswith("iter  10/100 | loss 5.0000 | ppl 148.41 | lr 1.00e-03 | grad 0.500")
+    assert "MFU 25.0%" in line and "1000 tok/s" in line
+    assert "valid ppl 54.60" in console_line({"iteration": 10, "valid/loss": 4.0, "valid/ppl": 54.6}, 100)
