@@ -140,7 +140,7 @@ class LoggerConfig:
 
 @dataclass
 class TrainConfig:
-    iterations: int = 200
+    iterations: int = 150
     log_interval: int = 10
     eval_interval: int = 50  # 0: only the final evaluation
     eval_iters: int = 10  # batches per validation

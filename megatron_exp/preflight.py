@@ -36,7 +36,9 @@ def resolve(cfg: Config, world_size: int | None = None, measure_peak: bool = Tru
         cfg.data.seq_len = cfg.model.seq_len
     if cfg.optimizer.decay_iters is None:
         cfg.optimizer.decay_iters = cfg.train.iterations
-    cfg.hardware = hardware.resolve(cfg.hardware, par.tp * par.dp * par.pp, measure_peak)
+    # Spawned workers share the CPU that this process measures alone; torchrun ranks each measure their own share.
+    sharing = 1 if world_size else par.tp * par.dp * par.pp
+    cfg.hardware = hardware.resolve(cfg.hardware, sharing, measure_peak)
     return cfg
 
 
@@ -89,6 +91,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         )
     _check_devices(cfg, workers, joined=world_size is not None)
     _check_memory(cfg, workers)
+    if hw.device == "cpu":
+        _warn_about_cpu_speed(cfg, workers)
 
 
 def _check_devices(cfg: Config, workers: int, joined: bool) -> None:
@@ -106,14 +110,16 @@ def _check_devices(cfg: Config, workers: int, joined: bool) -> None:
                 "visible: lower parallel.tp/parallel.dp, or start the job with torchrun across nodes "
                 "(python -m megatron_exp.plan shows what fits)"
             )
-    elif hw.device == "cpu":
-        cores = os.cpu_count() or 1
-        if workers > cores:
-            log.warning("%d CPU workers share %d cores: each is slower, results are the same", workers, cores)
-        if hw.precision != "fp32":
-            log.warning("hardware.precision=%s on CPU is far slower than fp32 here", hw.precision)
-    else:
+    elif hw.device != "cpu":
         raise ConfigError(f"hardware.device={hw.device} is unknown: cpu or cuda")
+
+
+def _warn_about_cpu_speed(cfg: Config, workers: int) -> None:
+    cores = os.cpu_count() or 1
+    if workers > cores:
+        log.warning("%d CPU workers share %d cores: each is slower, results are the same", workers, cores)
+    if cfg.hardware.precision != "fp32":
+        log.warning("hardware.precision=%s on CPU is far slower than fp32 here", cfg.hardware.precision)
 
 
 def _check_memory(cfg: Config, workers: int) -> None:

@@ -85,3 +85,17 @@ def test_gpt_8b_at_tp8_fails_before_any_worker_starts(tmp_path, shared_cache):
     errors = [line for line in (done.stdout + done.stderr).splitlines() if "error:" in line]
     assert len(errors) == 1 and "needs ~133 GB" in errors[0] and "run it on 8 GPUs" in errors[0]
     assert not (run_dir / "logs").exists()
+
+
+def test_torchrun_ranks_join_one_job_and_agree_on_one_run_directory(tmp_path, shared_cache):
+    # Microseconds in the run directory's name make every rank compose a different one; rank 0's must win.
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "megatron_exp.train", *TINY, "parallel.tp=2", "train.iterations=4", "train.eval_interval=0",
+         "logger.wandb=false", f"data.cache_dir={shared_cache}", f"hydra.run.dir={tmp_path}/${{now:%H-%M-%S-%f}}"],
+        cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    (run_dir,) = list(tmp_path.iterdir())
+    assert (run_dir / "results.json").exists() and "tp: 2" in (run_dir / "config.yaml").read_text()
+    assert [r["iteration"] for r in records(run_dir) if "train/loss" in r] == [1, 2, 3, 4]

@@ -1,0 +1,85 @@
+"""The trainer in this process on the serial grid: accumulation, precision and failure paths, fast."""
+
+import json
+
+import pytest
+
+from megatron_exp import preflight
+from megatron_exp.data import token_store
+from megatron_exp.parallel import state
+from megatron_exp.training import flops
+from megatron_exp.training.trainer import Trainer, TrainingDiverged
+from tests.conftest import compose_config
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("data-cache"))
+
+
+def run(tmp_path, cache: str, *overrides: str) -> tuple[list[dict], dict]:
+    cfg = compose_config(
+        [
+            "model=gpt_tiny",
+            "model.hidden_dropout=0",
+            "model.attention_dropout=0",
+            "data.seq_len=32",
+            "parallel.micro_batch=4",
+            "train.iterations=4",
+            "train.log_interval=1",
+            "train.eval_interval=0",
+            "train.eval_iters=2",
+            "logger.wandb=false",
+            f"data.cache_dir={cache}",
+            *overrides,
+        ]
+    )
+    preflight.resolve(cfg, measure_peak=False)
+    preflight.validate(cfg)
+    token_store.prepare(cfg.data)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    cfg.run_dir = str(tmp_path)
+    final = Trainer(cfg, state.SERIAL).run()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if "train/loss" in r], final
+
+
+def _losses(records):
+    return [r["train/loss"] for r in records]
+
+
+def test_gradient_accumulation_equals_one_larger_micro_batch(tmp_path, shared_cache):
+    accumulated, final_a = run(tmp_path / "a", shared_cache, "parallel.micro_batch=2", "parallel.global_batch=8")
+    single, final_b = run(tmp_path / "b", shared_cache, "parallel.micro_batch=8", "parallel.global_batch=8")
+    assert _losses(accumulated) == pytest.approx(_losses(single), rel=1e-5)
+    assert final_a["test/loss"] == pytest.approx(final_b["test/loss"], rel=1e-5)
+    assert _losses(single)[-1] < _losses(single)[0]
+
+
+def test_activation_checkpointing_trains_the_same_model(tmp_path, shared_cache):
+    plain, _ = run(tmp_path / "a", shared_cache)
+    recomputed, _ = run(
+        tmp_path / "b", shared_cache, "parallel.activation_checkpointing=true", "hardware.peak_tflops=1"
+    )
+    assert _losses(recomputed) == pytest.approx(_losses(plain), rel=1e-6)
+    # HFU counts the recomputed forward of the layers (not of the logits): 96/72 on the layer FLOPs.
+    b, s, l, h, v = 4, 32, 2, 64, 8192
+    ratio = flops.hardware_flops(b, s, l, h, v, recompute=True) / flops.model_flops(b, s, l, h, v)
+    assert 1 < ratio < 4 / 3
+    assert recomputed[0]["perf/hfu"] == pytest.approx(recomputed[0]["perf/mfu"] * ratio, rel=1e-9)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_paths_run(tmp_path, shared_cache, precision):
+    records, final = run(tmp_path, shared_cache, f"hardware.precision={precision}", "train.iterations=2")
+    assert all(0 < loss < 20 for loss in _losses(records)) and final["test/loss"] > 0
+    if precision == "fp16":
+        assert records[-1]["train/loss_scale"] == 2.0**16  # dynamic loss scaling, no overflow at this size
+    else:
+        assert "train/loss_scale" not in records[-1]
+
+
+def test_a_non_finite_loss_stops_the_run_with_advice(tmp_path, shared_cache):
+    # The first step is taken from finite weights; the second loss is computed from the exploded ones.
+    with pytest.raises(TrainingDiverged, match=r"loss became nan within iterations 2-2: lower optimizer.lr"):
+        run(tmp_path, shared_cache, "optimizer.lr=1e20", "optimizer.warmup_iters=0", "optimizer.clip_grad=0")
