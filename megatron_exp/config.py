@@ -148,6 +148,13 @@ class TrainConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    interval: int = 1000  # save every N iterations; 0: no periodic saves
+    keep: int = 3  # complete checkpoints kept on disk, newest first; 0: keep all
+    save_final: bool = True  # save after the last iteration too
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -156,4 +163,8 @@ class Config:
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    run_dir: str | None = None  # set at launch: the Hydra output directory
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    # Continue a run: true (the newest run under outputs/ with a checkpoint), a run directory, or a checkpoint
+    # directory. Resolved at launch to the checkpoint directory that workers load.
+    resume: str | None = None
+    run_dir: str | None = None  # set at launch: the Hydra output directory (or the resumed run's)

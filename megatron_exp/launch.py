@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import socket
 import sys
 import uuid
 from dataclasses import asdict
@@ -69,7 +71,10 @@ def run_worker(cfg: Config) -> dict:
 @record
 def _spawned_worker(container: dict) -> dict:
     """Entry point of a worker spawned by `spawn`; @record passes its exception back to the launcher."""
-    _setup_worker_logging(int(os.environ["RANK"]))
+    rank = int(os.environ["RANK"])
+    _setup_worker_logging(rank)
+    # Every rank says where it runs, so a stuck or killed rank can be found (logs/<job>/attempt_0/<rank>/).
+    print(f"[rank {rank}] pid {os.getpid()} on {socket.gethostname()}", flush=True)
     return run_worker(to_config(container))
 
 
@@ -119,12 +124,11 @@ def agree_on_run_dir(my_run_dir: str) -> str:
     chosen = [my_run_dir]
     dist.broadcast_object_list(chosen, src=0)
     if chosen[0] != my_run_dir:
-        _remove_if_only_hydra_files(Path(my_run_dir))
+        remove_if_only_hydra_files(Path(my_run_dir))
     return chosen[0]
 
 
-def _remove_if_only_hydra_files(path: Path) -> None:
-    import shutil
-
+def remove_if_only_hydra_files(path: Path) -> None:
+    """Drop a run directory that Hydra created but that will not be used (nothing of ours is in it)."""
     if path.is_dir() and all(p.name in (".hydra", "train.log") for p in path.iterdir()):
         shutil.rmtree(path, ignore_errors=True)

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import hydra
@@ -22,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from megatron_exp import launch, preflight
 from megatron_exp.config import Config, ConfigError
 from megatron_exp.data import token_store
+from megatron_exp.training import checkpoint
 
 log = logging.getLogger("megatron_exp.train")
 
@@ -39,9 +41,42 @@ def _prepare_data(cfg: Config) -> None:
         )
 
 
+def _newest_run_with_checkpoint(outputs: Path) -> Path:
+    pointers = sorted(outputs.glob("**/checkpoints/latest"), key=lambda p: p.stat().st_mtime)
+    if not pointers:
+        raise ConfigError(f"resume=true but no run under {outputs.resolve()} has a checkpoint: give resume=<run dir>")
+    return pointers[-1].parents[1]
+
+
+def _resolve_resume(cfg: Config) -> None:
+    """Point cfg.resume at the checkpoint to load and cfg.run_dir at its run; check that it fits this config."""
+    target = Path(cfg.resume).expanduser()
+    if cfg.resume.lower() in ("true", "latest"):
+        target = _newest_run_with_checkpoint(Path("outputs"))
+    if (target / checkpoint.META).is_file():  # a checkpoint directory
+        directory, run_dir = target, target.parents[1]
+    else:
+        directory, run_dir = checkpoint.find_latest(target), target
+    if directory is None or not checkpoint.is_complete(directory):
+        raise ConfigError(f"resume={cfg.resume}: no complete checkpoint in {checkpoint.checkpoints_root(run_dir)}")
+    meta = checkpoint.read_meta(directory)
+    saved = {"parallel.tp": meta["tp"], "parallel.dp": meta["dp"]} | {f"model.{k}": v for k, v in meta["model"].items()}
+    ours = {"parallel.tp": cfg.parallel.tp, "parallel.dp": cfg.parallel.dp}
+    ours |= {f"model.{k}": v for k, v in asdict(cfg.model).items()}
+    differ = [f"{key}={ours.get(key)} (checkpoint: {value})" for key, value in saved.items() if ours.get(key) != value]
+    if differ:
+        raise ConfigError(
+            f"resume={cfg.resume}: {directory} was saved with another setup: {', '.join(differ)}; pass the run's "
+            "original overrides (see its config.yaml), or convert the checkpoint with python -m megatron_exp.convert"
+        )
+    launch.remove_if_only_hydra_files(Path(cfg.run_dir))  # this invocation's fresh directory is not needed
+    cfg.resume, cfg.run_dir = str(directory.resolve()), str(run_dir.resolve())
+
+
 def _save_config(cfg: Config) -> None:
     run_dir = Path(cfg.run_dir)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    name = "config.yaml" if not cfg.resume else f"config.resume-{Path(cfg.resume).name}.yaml"
+    (run_dir / name).write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
 
 
 def run(cfg: Config) -> dict:
@@ -54,6 +89,8 @@ def run(cfg: Config) -> dict:
     try:
         preflight.resolve(cfg, world_size)
         preflight.validate(cfg, world_size)
+        if cfg.resume:
+            _resolve_resume(cfg)
         if joined:  # each node's local rank 0 builds the data cache; the others then find it
             if int(os.environ["LOCAL_RANK"]) == 0:
                 _prepare_data(cfg)

@@ -19,4 +19,11 @@ def compose_config(overrides: list[str] = ()) -> Config:
 
 @pytest.fixture
 def cache_dir(tmp_path_factory) -> str:
+    """A fresh, empty data cache."""
     return str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory) -> str:
+    """A data cache shared by the tests that train (the embedded corpus is tokenized once per session)."""
+    return str(tmp_path_factory.mktemp("data-cache"))

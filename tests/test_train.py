@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,11 +22,6 @@ TINY = [
     "train.eval_interval=20",
     "train.eval_iters=4",
 ]
-
-
-@pytest.fixture(scope="module")
-def shared_cache(tmp_path_factory) -> str:
-    return str(tmp_path_factory.mktemp("data-cache"))
 
 
 def train(run_dir: Path, *overrides: str, cache: str) -> subprocess.CompletedProcess:
@@ -99,3 +96,50 @@ def test_torchrun_ranks_join_one_job_and_agree_on_one_run_directory(tmp_path, sh
     (run_dir,) = list(tmp_path.iterdir())
     assert (run_dir / "results.json").exists() and "tp: 2" in (run_dir / "config.yaml").read_text()
     assert [r["iteration"] for r in records(run_dir) if "train/loss" in r] == [1, 2, 3, 4]
+
+
+def _start(run_dir: Path, *overrides: str, cache: str) -> subprocess.Popen:
+    """The train command in its own process session, so a test can kill the whole job at once."""
+    command = [sys.executable, "-m", "megatron_exp.train", *overrides, f"data.cache_dir={cache}"]
+    return subprocess.Popen(
+        [*command, f"hydra.run.dir={run_dir}"],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def test_a_run_killed_after_a_checkpoint_resumes_to_the_same_losses(tmp_path, shared_cache):
+    grid = ["parallel.tp=2", "parallel.dp=2", "parallel.micro_batch=2", "parallel.global_batch=8"]
+    with_dropout = ["model.hidden_dropout=0.1", "model.attention_dropout=0.1"]  # the RNG state must be restored
+    common = [*TINY, *grid, *with_dropout, "train.iterations=30", "train.eval_interval=0", "checkpoint.interval=5"]
+    common += ["logger.wandb=false"]
+    done = train(tmp_path / "whole", *common, cache=shared_cache)
+    assert done.returncode == 0, done.stdout + done.stderr
+    expected = {r["iteration"]: r["train/loss"] for r in records(tmp_path / "whole") if "train/loss" in r}
+
+    run_dir = tmp_path / "killed"
+    job = _start(run_dir, *common, cache=shared_cache)
+    latest = run_dir / "checkpoints" / "latest"
+    _wait_for(latest.is_file, 240, "the first checkpoint")
+    os.killpg(job.pid, signal.SIGKILL)  # parent and all four workers, mid-run
+    job.wait(timeout=60)
+    killed_at = max(r["iteration"] for r in records(run_dir) if "train/loss" in r)
+    assert killed_at < 30, "the run finished before it could be killed"
+
+    resumed = train(run_dir, *common, f"resume={run_dir}", cache=shared_cache)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resumed from" in resumed.stdout + resumed.stderr
+    final = {r["iteration"]: r["train/loss"] for r in records(run_dir) if "train/loss" in r}  # last record wins
+    assert sorted(final) == list(range(1, 31))
+    assert final == expected  # bitwise: every iteration, including those re-run after the checkpoint

@@ -82,6 +82,22 @@ def set_tp_region_state(rng_state: torch.Tensor, device: torch.device | str = "c
     _stream.device, _stream.rng_state = torch.device(device), rng_state.clone()
 
 
+def get_rng_state(device: torch.device | str = "cpu") -> dict:
+    """Both streams of this rank, for a checkpoint."""
+    device = torch.device(device)
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return {"cpu": torch.get_rng_state(), "cuda": cuda, "tp_region": get_tp_region_state()}
+
+
+def set_rng_state(rng: dict, device: torch.device | str = "cpu") -> None:
+    device = torch.device(device)
+    torch.set_rng_state(rng["cpu"])
+    if rng["cuda"] is not None:
+        torch.cuda.set_rng_state(rng["cuda"], device)
+    if rng["tp_region"] is not None:
+        set_tp_region_state(rng["tp_region"], device)
+
+
 def _restore_tp_region_on_recompute():
     """For torch's checkpoint: remember the TP-region stream at forward, replay it during recompute."""
     at_forward = get_tp_region_state()

@@ -7,6 +7,7 @@ import logging
 import math
 import resource
 import time
+import uuid
 from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
@@ -21,7 +22,7 @@ from megatron_exp.models.gpt import GPTModel
 from megatron_exp.parallel import random
 from megatron_exp.parallel.mappings import all_reduce_
 from megatron_exp.parallel.state import ProcessGrid
-from megatron_exp.training import flops
+from megatron_exp.training import checkpoint, flops
 from megatron_exp.training.metrics import MetricSinks
 from megatron_exp.training.optim import DynamicLossScaler, build_optimizer, clip_gradients_, learning_rate
 
@@ -80,10 +81,40 @@ class Trainer:
         self.hardware_flops = flops.hardware_flops(
             par.global_batch, self.seq_len, m.layers, m.hidden, vocab, par.activation_checkpointing
         )
+        self.start_iteration = 0
+        if cfg.resume:
+            self._restore(Path(cfg.resume))
         self.sinks = None
         if grid.rank == 0:
             self.sinks = MetricSinks(Path(cfg.run_dir), cfg.train.iterations, wandb_config)
             self._log_setup()
+
+    def _state(self, iteration: int) -> dict:
+        return {
+            "iteration": iteration,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "loss_scaler": self.scaler.state_dict() if self.scaler else None,
+            "rng": random.get_rng_state(self.device),
+        }
+
+    def save_checkpoint(self, iteration: int) -> None:
+        grid = self.grid
+        meta = {"world_size": grid.world_size, "tp": grid.tp.size, "dp": grid.dp.size, "model": asdict(self.cfg.model)}
+        state = self._state(iteration)
+        checkpoint.save(self.cfg.run_dir, iteration, state, grid.rank, meta, self.cfg.checkpoint.keep)
+
+    def _restore(self, directory: Path) -> None:
+        """Continue exactly where the checkpoint left off: weights, optimizer, loss scale, RNG, data position."""
+        state = checkpoint.load_rank(directory, self.grid.rank)
+        path = checkpoint.rank_file(directory, self.grid.rank)
+        checkpoint.load_into(self.model, state["model"], path, "model")
+        checkpoint.load_into(self.optimizer, state["optimizer"], path, "optimizer state")
+        if self.scaler and state["loss_scaler"]:
+            self.scaler.load_state_dict(state["loss_scaler"])
+        random.set_rng_state(state["rng"], self.device)
+        self.start_iteration = state["iteration"]  # the data position follows from it
+        log.info("resumed from %s at iteration %d", directory, self.start_iteration)
 
     def _log_setup(self) -> None:
         cfg, grid = self.cfg, self.grid
@@ -196,7 +227,7 @@ class Trainer:
         steps = skipped = 0
         window_start = time.perf_counter()
         record = {}
-        for iteration in range(1, cfg.train.iterations + 1):
+        for iteration in range(self.start_iteration + 1, cfg.train.iterations + 1):
             loss, norm, was_skipped = self.train_step(iteration)
             steps += 1
             skipped += was_skipped
@@ -227,6 +258,11 @@ class Trainer:
                 if self.sinks:
                     self.sinks.log(eval_record)
                 window_start += time.perf_counter() - eval_start  # evaluation time is not training time
+            periodic = cfg.checkpoint.interval and iteration % cfg.checkpoint.interval == 0
+            if periodic or (last and cfg.checkpoint.save_final):
+                save_start = time.perf_counter()
+                self.save_checkpoint(iteration)
+                window_start += time.perf_counter() - save_start
         if self.sinks:
             self.sinks.close()
         return record
@@ -237,9 +273,13 @@ def wandb_settings(cfg: Config) -> dict | None:
     lg = cfg.logger
     if not lg.wandb or lg.mode == "disabled":
         return None
-    import wandb
-
+    # One W&B run per training run, across resumes: the id is kept in the run directory.
+    id_file = Path(cfg.run_dir) / "wandb_id"
+    if not id_file.is_file():
+        id_file.write_text(uuid.uuid4().hex[:12])
     return {
+        "id": id_file.read_text().strip(),
+        "resume": "allow",
         "project": lg.project,
         "entity": lg.entity,
         "name": lg.name or Path(cfg.run_dir).name,
@@ -249,5 +289,5 @@ def wandb_settings(cfg: Config) -> dict | None:
         "config": asdict(cfg),
         "dir": cfg.run_dir,
         "mode": lg.mode,
-        "settings": wandb.Settings(console="off", quiet=True, x_disable_stats=True, disable_git=True),
+        "settings": {"console": "off", "quiet": True, "x_disable_stats": True, "disable_git": True},
     }

@@ -12,11 +12,6 @@ from megatron_exp.training.trainer import Trainer, TrainingDiverged
 from tests.conftest import compose_config
 
 
-@pytest.fixture(scope="module")
-def shared_cache(tmp_path_factory) -> str:
-    return str(tmp_path_factory.mktemp("data-cache"))
-
-
 def run(tmp_path, cache: str, *overrides: str) -> tuple[list[dict], dict]:
     cfg = compose_config(
         [

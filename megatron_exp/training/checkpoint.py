@@ -1,0 +1,135 @@
+"""Checkpoints: every rank saves its own shard, and a checkpoint appears whole or not at all.
+
+Layout: <run_dir>/checkpoints/iter_0000100/{rank_00000.pt, ..., meta.json}, plus a `latest` file naming the newest.
+A save writes into a hidden temporary directory; once every rank has written, rank 0 adds meta.json, renames the
+directory into place and only then updates `latest`. A crash at any point leaves the previous checkpoint as the
+newest complete one; leftovers are ignored with a warning. Files are read with torch.load(weights_only=True).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+LATEST = "latest"
+META = "meta.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the file and what to do."""
+
+
+def checkpoints_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def rank_file(directory: Path, rank: int) -> Path:
+    return directory / f"rank_{rank:05d}.pt"
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save(run_dir: str | Path, iteration: int, state: dict, rank: int, meta: dict, keep: int) -> Path:
+    """Save this rank's `state` as part of the checkpoint of `iteration` (every rank must call it)."""
+    root = checkpoints_root(run_dir)
+    final = root / f"iter_{iteration:07d}"
+    tmp = root / f".tmp_{final.name}"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    with open(rank_file(tmp, rank), "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    _barrier()
+    if rank == 0:
+        _write_atomically(tmp / META, json.dumps({"iteration": iteration, **meta}, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _write_atomically(root / LATEST, final.name)
+        for old in complete_checkpoints(root)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+        log.info("checkpoint: saved %s", final)
+    _barrier()
+    return final
+
+
+def read_meta(directory: Path) -> dict:
+    return json.loads((directory / META).read_text())
+
+
+def is_complete(directory: Path) -> bool:
+    if not (directory / META).is_file():
+        return False
+    world_size = read_meta(directory)["world_size"]
+    return all(rank_file(directory, r).is_file() for r in range(world_size))
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoint directories, oldest first."""
+    return sorted(d for d in root.glob("iter_*") if d.is_dir() and is_complete(d))
+
+
+def find_latest(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of a run, skipping (with a warning) anything a crash left half-written."""
+    root = checkpoints_root(run_dir)
+    if not root.is_dir():
+        return None
+    for leftover in root.glob(".tmp_iter_*"):
+        log.warning("checkpoint: ignoring %s, left half-written by an interrupted save", leftover)
+    pointer = root / LATEST
+    if pointer.is_file():
+        named = root / pointer.read_text().strip()
+        if named.is_dir() and is_complete(named):
+            return named
+        log.warning("checkpoint: %s names %s, which is incomplete; using the newest complete one", pointer, named)
+    complete = complete_checkpoints(root)
+    return complete[-1] if complete else None
+
+
+def load_rank(directory: Path, rank: int) -> dict:
+    """This rank's saved state, on the CPU."""
+    path = rank_file(directory, rank)
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: the checkpoint in {directory} is incomplete; resume from another")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise CheckpointError(
+            f"{path} cannot be read ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}): "
+            "it is corrupt or not a megatron-exp checkpoint; delete that checkpoint directory to use an earlier one"
+        ) from error
+
+
+def load_into(module_or_optimizer, state: dict, path: Path, what: str) -> None:
+    """load_state_dict with an error that names the file when the shapes or keys do not fit."""
+    try:
+        module_or_optimizer.load_state_dict(state)
+    except (RuntimeError, ValueError, KeyError) as error:
+        first = str(error).strip().splitlines()
+        raise CheckpointError(
+            f"{path}: its {what} does not fit this run ({' '.join(first[:2])}): the checkpoint was saved with "
+            "another model shape or parallel layout; use the same config, or convert the checkpoint"
+        ) from error

@@ -1,0 +1,114 @@
+"""Checkpoint files on the serial grid: atomic saves, exact resume, and clear errors for broken checkpoints."""
+
+import json
+import logging
+import os
+
+import pytest
+import torch
+
+from megatron_exp import preflight
+from megatron_exp.data import token_store
+from megatron_exp.parallel import state
+from megatron_exp.training import checkpoint
+from megatron_exp.training.checkpoint import CheckpointError
+from megatron_exp.training.trainer import Trainer
+from tests.conftest import compose_config
+
+
+def make_config(run_dir, cache, *overrides):
+    cfg = compose_config(
+        [
+            "model=gpt_tiny",
+            "data.seq_len=32",
+            "parallel.micro_batch=4",
+            "train.iterations=6",
+            "train.log_interval=1",
+            "train.eval_interval=0",
+            "train.eval_iters=1",
+            "checkpoint.interval=3",
+            "logger.wandb=false",
+            f"data.cache_dir={cache}",
+            *overrides,
+        ]
+    )
+    preflight.resolve(cfg, measure_peak=False)
+    token_store.prepare(cfg.data)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.run_dir = str(run_dir)
+    return cfg
+
+
+def train_losses(cfg) -> dict[int, float]:
+    Trainer(cfg, state.SERIAL).run()
+    lines = (checkpoint.checkpoints_root(cfg.run_dir).parent / "metrics.jsonl").read_text().splitlines()
+    return {r["iteration"]: r["train/loss"] for r in map(json.loads, lines) if "train/loss" in r}
+
+
+def test_a_resumed_run_equals_an_uninterrupted_one_bitwise(tmp_path, shared_cache):
+    # Dropout on, so the restored RNG streams matter as much as the weights and Adam's moments.
+    uninterrupted = train_losses(make_config(tmp_path / "a", shared_cache))
+    first = make_config(tmp_path / "b", shared_cache, "train.iterations=3")
+    train_losses(first)
+    resumed = make_config(tmp_path / "b", shared_cache)
+    resumed.resume = str(checkpoint.find_latest(resumed.run_dir))
+    losses = train_losses(resumed)
+    assert [losses[i] for i in (4, 5, 6)] == [uninterrupted[i] for i in (4, 5, 6)]  # exactly equal
+
+
+def _saved_run(tmp_path, cache):
+    cfg = make_config(tmp_path, cache)
+    Trainer(cfg, state.SERIAL).run()
+    return cfg, checkpoint.checkpoints_root(cfg.run_dir)
+
+
+def test_saves_keep_the_newest_k_and_point_latest_at_the_last(tmp_path, shared_cache):
+    _, root = _saved_run(tmp_path, shared_cache)
+    assert [d.name for d in checkpoint.complete_checkpoints(root)] == ["iter_0000003", "iter_0000006"]
+    assert (root / "latest").read_text() == "iter_0000006"
+    meta = checkpoint.read_meta(root / "iter_0000006")
+    assert meta["iteration"] == 6 and meta["world_size"] == 1 and meta["model"]["name"] == "gpt_tiny"
+    saved = checkpoint.load_rank(root / "iter_0000006", 0)
+    assert set(saved) == {"iteration", "model", "optimizer", "loss_scaler", "rng"}
+
+
+def test_a_crash_in_the_middle_of_a_save_leaves_the_previous_checkpoint(tmp_path, shared_cache, monkeypatch, caplog):
+    cfg, root = _saved_run(tmp_path, shared_cache)
+
+    def crash(src, dst):
+        raise KeyboardInterrupt  # killed after the shards were written, before the rename
+
+    monkeypatch.setattr(checkpoint.os, "rename", crash)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(cfg.run_dir, 9, {"x": torch.zeros(1)}, rank=0, meta={"world_size": 1}, keep=3)
+    monkeypatch.undo()
+    assert (root / ".tmp_iter_0000009").is_dir()
+    with caplog.at_level(logging.WARNING):
+        latest = checkpoint.find_latest(cfg.run_dir)
+    assert latest == root / "iter_0000006" and "left half-written by an interrupted save" in caplog.text
+    assert checkpoint.load_rank(latest, 0)["iteration"] == 6
+
+
+def test_latest_naming_an_incomplete_checkpoint_falls_back(tmp_path, shared_cache, caplog):
+    cfg, root = _saved_run(tmp_path, shared_cache)
+    os.remove(root / "iter_0000006" / "rank_00000.pt")
+    with caplog.at_level(logging.WARNING):
+        assert checkpoint.find_latest(cfg.run_dir) == root / "iter_0000003"
+    assert "which is incomplete" in caplog.text
+
+
+def test_a_corrupt_shard_is_an_error_naming_the_file(tmp_path, shared_cache):
+    cfg, root = _saved_run(tmp_path, shared_cache)
+    shard = root / "iter_0000006" / "rank_00000.pt"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    cfg.resume = str(root / "iter_0000006")
+    with pytest.raises(CheckpointError, match=r"rank_00000.pt cannot be read .* corrupt"):
+        Trainer(cfg, state.SERIAL)
+
+
+def test_a_checkpoint_of_another_shape_is_an_error_naming_the_file(tmp_path, shared_cache):
+    _, root = _saved_run(tmp_path, shared_cache)
+    other = make_config(tmp_path, shared_cache, "model.hidden=128")
+    other.resume = str(root / "iter_0000006")
+    with pytest.raises(CheckpointError, match=r"rank_00000.pt: its model does not fit this run .*size mismatch"):
+        Trainer(other, state.SERIAL)
