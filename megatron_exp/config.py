@@ -152,6 +152,9 @@ class CheckpointConfig:
     interval: int = 1000  # save every N iterations; 0: no periodic saves
     keep: int = 3  # complete checkpoints kept on disk, newest first; 0: keep all
     save_final: bool = True  # save after the last iteration too
+    # Start from the weights of this run or checkpoint directory (any TP degree; e.g. from convert): fine-tuning.
+    # The optimizer and data position start fresh; model.* must match the checkpoint's model.
+    init_from: str | None = None
 
 
 @dataclass
@@ -168,3 +171,14 @@ class Config:
     # directory. Resolved at launch to the checkpoint directory that workers load.
     resume: str | None = None
     run_dir: str | None = None  # set at launch: the Hydra output directory (or the resumed run's)
+
+
+@dataclass
+class ConvertConfig:
+    """python -m megatron_exp.convert: move a model between TP degrees and to/from Hugging Face."""
+
+    # A run directory or checkpoint directory of this project, or hf:<directory or hub name> of a GPT-2 model
+    source: str = "???"
+    to: str = "megatron"  # megatron: TP shards loadable by the tasks (and by training as weights) | hf
+    tp: int = 1  # TP degree of the output (to=megatron)
+    output: str = "???"  # the output directory (megatron: a run directory with checkpoints/; hf: save_pretrained)

@@ -48,22 +48,43 @@ def _newest_run_with_checkpoint(outputs: Path) -> Path:
     return pointers[-1].parents[1]
 
 
+def _checkpoint_directory(path: Path, key: str) -> Path:
+    directory = checkpoint.resolve(path)
+    if directory is None:
+        raise ConfigError(f"{key}={path} holds no complete checkpoint (expected <run dir>/checkpoints/iter_*)")
+    return directory
+
+
+def _differences(cfg: Config, meta: dict, keys: dict[str, object]) -> list[str]:
+    saved = {
+        f"model.{k}": v for k, v in meta["model"].items() if k not in ("name", "hidden_dropout", "attention_dropout")
+    }
+    saved |= keys
+    ours = {"parallel.tp": cfg.parallel.tp, "parallel.dp": cfg.parallel.dp}
+    ours |= {f"model.{k}": v for k, v in asdict(cfg.model).items()}
+    return [f"{key}={ours.get(key)} (checkpoint: {value})" for key, value in saved.items() if ours.get(key) != value]
+
+
+def _resolve_init_from(cfg: Config) -> None:
+    directory = _checkpoint_directory(Path(cfg.checkpoint.init_from).expanduser(), "checkpoint.init_from")
+    differ = _differences(cfg, checkpoint.read_meta(directory), {})
+    if differ:
+        raise ConfigError(
+            f"checkpoint.init_from={cfg.checkpoint.init_from}: the model differs: {', '.join(differ)}; set model.* "
+            "to the checkpoint's (its meta.json lists them)"
+        )
+    cfg.checkpoint.init_from = str(directory.resolve())
+
+
 def _resolve_resume(cfg: Config) -> None:
     """Point cfg.resume at the checkpoint to load and cfg.run_dir at its run; check that it fits this config."""
     target = Path(cfg.resume).expanduser()
     if cfg.resume.lower() in ("true", "latest"):
         target = _newest_run_with_checkpoint(Path("outputs"))
-    if (target / checkpoint.META).is_file():  # a checkpoint directory
-        directory, run_dir = target, target.parents[1]
-    else:
-        directory, run_dir = checkpoint.find_latest(target), target
-    if directory is None or not checkpoint.is_complete(directory):
-        raise ConfigError(f"resume={cfg.resume}: no complete checkpoint in {checkpoint.checkpoints_root(run_dir)}")
+    directory = _checkpoint_directory(target, "resume")
+    run_dir = directory.parents[1]
     meta = checkpoint.read_meta(directory)
-    saved = {"parallel.tp": meta["tp"], "parallel.dp": meta["dp"]} | {f"model.{k}": v for k, v in meta["model"].items()}
-    ours = {"parallel.tp": cfg.parallel.tp, "parallel.dp": cfg.parallel.dp}
-    ours |= {f"model.{k}": v for k, v in asdict(cfg.model).items()}
-    differ = [f"{key}={ours.get(key)} (checkpoint: {value})" for key, value in saved.items() if ours.get(key) != value]
+    differ = _differences(cfg, meta, {"parallel.tp": meta["tp"], "parallel.dp": meta["dp"]})
     if differ:
         raise ConfigError(
             f"resume={cfg.resume}: {directory} was saved with another setup: {', '.join(differ)}; pass the run's "
@@ -91,6 +112,8 @@ def run(cfg: Config) -> dict:
         preflight.validate(cfg, world_size)
         if cfg.resume:
             _resolve_resume(cfg)
+        elif cfg.checkpoint.init_from:
+            _resolve_init_from(cfg)
         if joined:  # each node's local rank 0 builds the data cache; the others then find it
             if int(os.environ["LOCAL_RANK"]) == 0:
                 _prepare_data(cfg)

@@ -17,6 +17,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megatron_exp.config import ModelConfig
+from megatron_exp.models.gpt import GPTModel
+from megatron_exp.parallel.sharding import merge_state_dicts, shard_specs
+
 log = logging.getLogger(__name__)
 
 LATEST = "latest"
@@ -49,30 +53,53 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _write_rank(directory: Path, rank: int, state: dict) -> None:
+    with open(rank_file(directory, rank), "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _commit(tmp: Path, final: Path, meta: dict, keep: int) -> None:
+    """Make a fully written temporary directory the newest checkpoint (rank 0 / a single process only)."""
+    _write_atomically(tmp / META, json.dumps(meta, indent=2))
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _write_atomically(final.parent / LATEST, final.name)
+    for old in complete_checkpoints(final.parent)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    log.info("checkpoint: saved %s", final)
+
+
+def _paths(run_dir: str | Path, iteration: int) -> tuple[Path, Path]:
+    final = checkpoints_root(run_dir) / f"iter_{iteration:07d}"
+    return final.with_name(f".tmp_{final.name}"), final
+
+
 def save(run_dir: str | Path, iteration: int, state: dict, rank: int, meta: dict, keep: int) -> Path:
     """Save this rank's `state` as part of the checkpoint of `iteration` (every rank must call it)."""
-    root = checkpoints_root(run_dir)
-    final = root / f"iter_{iteration:07d}"
-    tmp = root / f".tmp_{final.name}"
+    tmp, final = _paths(run_dir, iteration)
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    with open(rank_file(tmp, rank), "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
+    _write_rank(tmp, rank, state)
     _barrier()
     if rank == 0:
-        _write_atomically(tmp / META, json.dumps({"iteration": iteration, **meta}, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _write_atomically(root / LATEST, final.name)
-        for old in complete_checkpoints(root)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-        log.info("checkpoint: saved %s", final)
+        _commit(tmp, final, {"iteration": iteration, **meta}, keep)
     _barrier()
+    return final
+
+
+def save_all(run_dir: str | Path, iteration: int, states: list[dict], meta: dict) -> Path:
+    """Save every rank's state from one process (conversion), with the same layout and atomicity."""
+    tmp, final = _paths(run_dir, iteration)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for rank, state in enumerate(states):
+        _write_rank(tmp, rank, state)
+    _commit(tmp, final, {"iteration": iteration, "world_size": len(states), **meta}, keep=0)
     return final
 
 
@@ -109,6 +136,15 @@ def find_latest(run_dir: str | Path) -> Path | None:
     return complete[-1] if complete else None
 
 
+def resolve(path: str | Path) -> Path | None:
+    """The checkpoint that `path` names: a checkpoint directory itself, or the newest complete one of a run
+    directory (or of its checkpoints/ folder)."""
+    path = Path(path).expanduser()
+    if (path / META).is_file():
+        return path if is_complete(path) else None
+    return find_latest(path.parent if path.name == "checkpoints" else path)
+
+
 def load_rank(directory: Path, rank: int) -> dict:
     """This rank's saved state, on the CPU."""
     path = rank_file(directory, rank)
@@ -133,3 +169,25 @@ def load_into(module_or_optimizer, state: dict, path: Path, what: str) -> None:
             f"{path}: its {what} does not fit this run ({' '.join(first[:2])}): the checkpoint was saved with "
             "another model shape or parallel layout; use the same config, or convert the checkpoint"
         ) from error
+
+
+def model_config_of(directory: Path) -> ModelConfig:
+    return ModelConfig(**read_meta(directory)["model"])
+
+
+def load_serial_model_state(directory: Path) -> dict:
+    """The whole model as a serial (TP=1) state dict, merged from the shards of DP replica 0."""
+    tp = read_meta(directory)["tp"]
+    with torch.device("meta"):
+        specs = shard_specs(GPTModel(model_config_of(directory)))
+    return merge_state_dicts([load_rank(directory, rank)["model"] for rank in range(tp)], specs)
+
+
+def load_model_state(directory: Path, tp_size: int, tp_rank: int) -> dict:
+    """TP rank `tp_rank`'s model weights at TP degree `tp_size`, whatever degree the checkpoint was saved at."""
+    if read_meta(directory)["tp"] == tp_size:
+        return load_rank(directory, tp_rank)["model"]  # global rank tp_rank is (dp 0, tp tp_rank)
+    serial = load_serial_model_state(directory)
+    with torch.device("meta"):
+        specs = shard_specs(GPTModel(model_config_of(directory)))
+    return {name: specs[name].shard(t, tp_size, tp_rank, name) for name, t in serial.items()}

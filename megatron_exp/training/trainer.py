@@ -84,6 +84,11 @@ class Trainer:
         self.start_iteration = 0
         if cfg.resume:
             self._restore(Path(cfg.resume))
+        elif cfg.checkpoint.init_from:
+            directory = Path(cfg.checkpoint.init_from)
+            weights = checkpoint.load_model_state(directory, grid.tp.size, grid.tp.rank)
+            checkpoint.load_into(self.model, weights, directory, "model")
+            log.info("initialized the weights from %s", directory)
         self.sinks = None
         if grid.rank == 0:
             self.sinks = MetricSinks(Path(cfg.run_dir), cfg.train.iterations, wandb_config)

@@ -3,13 +3,18 @@
 import json
 import logging
 import os
+from dataclasses import asdict
 
 import pytest
 import torch
 
 from megatron_exp import preflight
+from megatron_exp.config import ConfigError
 from megatron_exp.data import token_store
+from megatron_exp.models.gpt import GPTModel
 from megatron_exp.parallel import state
+from megatron_exp.parallel.sharding import shard_specs, split_state_dict
+from megatron_exp.train import _resolve_init_from
 from megatron_exp.training import checkpoint
 from megatron_exp.training.checkpoint import CheckpointError
 from megatron_exp.training.trainer import Trainer
@@ -112,3 +117,25 @@ def test_a_checkpoint_of_another_shape_is_an_error_naming_the_file(tmp_path, sha
     other.resume = str(root / "iter_0000006")
     with pytest.raises(CheckpointError, match=r"rank_00000.pt: its model does not fit this run .*size mismatch"):
         Trainer(other, state.SERIAL)
+
+
+def test_init_from_loads_weights_saved_at_another_tp_degree(tmp_path, shared_cache):
+    cfg = make_config(tmp_path / "run", shared_cache, "train.iterations=1")
+    source = GPTModel(cfg.model, seed=99)
+    shards = split_state_dict(source.state_dict(), shard_specs(source), 2)
+    meta = {"tp": 2, "dp": 1, "model": asdict(cfg.model)}
+    checkpoint.save_all(tmp_path / "weights", 0, [{"iteration": 0, "model": s} for s in shards], meta)
+
+    cfg.checkpoint.init_from = str(tmp_path / "weights")
+    _resolve_init_from(cfg)
+    assert cfg.checkpoint.init_from == str(checkpoint.resolve(tmp_path / "weights"))
+    loaded = Trainer(cfg, state.SERIAL).model.state_dict()
+    for name, tensor in source.state_dict().items():
+        assert torch.equal(loaded[name], tensor), name
+
+    other = make_config(tmp_path / "run", shared_cache, "model.layers=3")
+    other.checkpoint.init_from = str(tmp_path / "weights")
+    with pytest.raises(
+        ConfigError, match=r"checkpoint.init_from=.*the model differs: model.layers=3 \(checkpoint: 2\)"
+    ):
+        _resolve_init_from(other)

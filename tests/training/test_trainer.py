@@ -8,7 +8,7 @@ from megatron_exp import preflight
 from megatron_exp.data import token_store
 from megatron_exp.parallel import state
 from megatron_exp.training import flops
-from megatron_exp.training.trainer import Trainer, TrainingDiverged
+from megatron_exp.training.trainer import Trainer, TrainingDiverged, wandb_settings
 from tests.conftest import compose_config
 
 
@@ -78,3 +78,13 @@ def test_a_non_finite_loss_stops_the_run_with_advice(tmp_path, shared_cache):
     # The first step is taken from finite weights; the second loss is computed from the exploded ones.
     with pytest.raises(TrainingDiverged, match=r"loss became nan within iterations 2-2: lower optimizer.lr"):
         run(tmp_path, shared_cache, "optimizer.lr=1e20", "optimizer.warmup_iters=0", "optimizer.clip_grad=0")
+
+
+def test_the_wandb_run_id_is_kept_in_the_run_directory_across_resumes(tmp_path, shared_cache):
+    cfg = compose_config(["logger.mode=offline"])
+    cfg.run_dir = str(tmp_path)
+    first, again = wandb_settings(cfg), wandb_settings(cfg)
+    assert first["id"] == again["id"] == (tmp_path / "wandb_id").read_text()
+    assert first["resume"] == "allow" and first["mode"] == "offline" and first["dir"] == str(tmp_path)
+    assert first["config"]["model"]["name"] == "gpt_mini"  # the full resolved config
+    assert wandb_settings(compose_config(["logger=none"])) is None

@@ -1,0 +1,89 @@
+"""`python -m megatron_exp.convert`: reshard a checkpoint to another TP degree, or move GPT-2 weights to and
+from the Hugging Face `transformers` layout. Every path goes through the serial (TP=1) state dict: merge the
+shards, convert or re-split, save. Weights only: the optimizer state does not travel.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from megatron_exp.config import ConfigError, ConvertConfig, ModelConfig
+from megatron_exp.models import hf_gpt2
+from megatron_exp.models.gpt import GPTModel
+from megatron_exp.parallel.sharding import shard_specs, split_state_dict
+from megatron_exp.training import checkpoint
+
+log = logging.getLogger("megatron_exp.convert")
+
+ConfigStore.instance().store(name="convert_schema", node=ConvertConfig)
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise ConfigError('Hugging Face conversion needs transformers: pip install -e ".[hf]"') from None
+    return transformers
+
+
+def _load_source(source: str) -> tuple[dict, ModelConfig]:
+    """The serial state dict and model config of a checkpoint, or of a Hugging Face GPT-2."""
+    if source.startswith("hf:"):
+        name = source.removeprefix("hf:")
+        try:
+            model = _transformers().GPT2LMHeadModel.from_pretrained(name)
+        except OSError as error:
+            raise ConfigError(f"source={source} could not be loaded by transformers: {error}") from error
+        cfg = hf_gpt2.model_config(model.config, name=Path(name).name)
+        return hf_gpt2.from_hf(model.state_dict(), cfg), cfg
+    directory = checkpoint.resolve(source)
+    if directory is None:
+        raise ConfigError(f"source={source} holds no complete checkpoint (expected <run dir>/checkpoints/iter_*)")
+    return checkpoint.load_serial_model_state(directory), checkpoint.model_config_of(directory)
+
+
+def convert(cfg: ConvertConfig) -> Path:
+    serial, model_cfg = _load_source(cfg.source)
+    output = Path(cfg.output)
+    if cfg.to == "hf":
+        transformers = _transformers()
+        model = transformers.GPT2LMHeadModel(hf_gpt2.hf_config(model_cfg))
+        model.load_state_dict(hf_gpt2.to_hf(serial, model_cfg))
+        model.save_pretrained(output)
+        log.info("saved a transformers GPT2LMHeadModel to %s", output)
+        return output
+    if cfg.to != "megatron":
+        raise ConfigError(f"to={cfg.to} is unknown: megatron or hf")
+    model_cfg.validate(cfg.tp)
+    specs = shard_specs(_meta_model(model_cfg))
+    shards = split_state_dict(serial, specs, cfg.tp)
+    meta = {"tp": cfg.tp, "dp": 1, "model": asdict(model_cfg), "source": cfg.source, "weights_only": True}
+    directory = checkpoint.save_all(output, 0, [{"iteration": 0, "model": shard} for shard in shards], meta)
+    log.info("saved %d TP shards of %s to %s", cfg.tp, cfg.source, directory)
+    return directory
+
+
+def _meta_model(cfg: ModelConfig) -> GPTModel:
+    with torch.device("meta"):
+        return GPTModel(cfg)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="convert")
+def main(raw: DictConfig) -> None:
+    try:
+        convert(OmegaConf.to_object(raw))
+    except ConfigError as error:
+        log.error("error: %s", error)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

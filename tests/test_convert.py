@@ -1,0 +1,93 @@
+"""Resharding between TP degrees and GPT-2 import/export: logits agree to fp32 rounding through every path."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_exp.config import ConvertConfig, ModelConfig
+from megatron_exp.convert import convert
+from megatron_exp.models.gpt import GPTModel
+from megatron_exp.parallel import state
+from megatron_exp.parallel.mappings import gather_last_dim
+from megatron_exp.parallel.sharding import shard_specs, split_state_dict
+from megatron_exp.training import checkpoint
+from tests.distributed import run_on_ranks
+
+CFG = ModelConfig(name="small", hidden=64, heads=8, layers=2, vocab_size=300, seq_len=32)
+TOKENS = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+
+
+def _logits_at(directory: Path) -> torch.Tensor:
+    """Full-vocabulary logits of the checkpoint's model at the current grid's TP degree, on the same batch."""
+    tp = state.current().tp
+    model = GPTModel(checkpoint.model_config_of(directory)).eval()
+    model.load_state_dict(checkpoint.load_model_state(directory, tp.size, tp.rank))
+    with torch.no_grad():
+        return gather_last_dim(model(TOKENS), tp)[..., : model.cfg.vocab_size]
+
+
+def _check_logits(directories: list[Path], expected_file: Path):
+    expected = torch.load(expected_file)
+    for directory in directories:
+        torch.testing.assert_close(_logits_at(directory), expected, msg=str(directory))
+
+
+def test_reshard_tp4_to_1_to_2_keeps_the_logits(tmp_path):
+    serial = GPTModel(CFG, seed=3)
+    shards = split_state_dict(serial.state_dict(), shard_specs(serial), 4)
+    meta = {"tp": 4, "dp": 1, "model": vars(CFG)}
+    checkpoint.save_all(tmp_path / "tp4", 0, [{"iteration": 0, "model": s} for s in shards], meta)
+    convert(ConvertConfig(source=str(tmp_path / "tp4"), tp=1, output=str(tmp_path / "tp1")))
+    convert(ConvertConfig(source=str(tmp_path / "tp1" / "checkpoints"), tp=2, output=str(tmp_path / "tp2")))
+    assert checkpoint.read_meta(checkpoint.find_latest(tmp_path / "tp2"))["tp"] == 2
+
+    expected = tmp_path / "expected.pt"
+    with torch.no_grad():
+        torch.save(serial.eval()(TOKENS)[..., :300], expected)
+    saved = [checkpoint.resolve(tmp_path / d) for d in ("tp1", "tp2", "tp4")]
+    _check_logits(saved, expected)  # each loaded at TP=1
+    for tp in (2, 4):
+        run_on_ranks(tp, _check_logits, saved, expected)  # and at TP=2 and TP=4, from any saved degree
+
+
+def test_converting_a_run_without_checkpoints_is_a_clear_error(tmp_path):
+    from megatron_exp.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"holds no complete checkpoint"):
+        convert(ConvertConfig(source=str(tmp_path), tp=2, output=str(tmp_path / "out")))
+
+
+def test_hugging_face_gpt2_round_trip(tmp_path):
+    transformers = pytest.importorskip("transformers", reason="the hf extra is not installed")
+    torch.manual_seed(0)
+    hf_config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=300, n_positions=32)
+    original = transformers.GPT2LMHeadModel(hf_config).eval()
+    original.save_pretrained(tmp_path / "hf")
+    expected = tmp_path / "expected.pt"
+    with torch.no_grad():
+        torch.save(original(TOKENS).logits, expected)
+
+    convert(ConvertConfig(source=f"hf:{tmp_path / 'hf'}", tp=2, output=str(tmp_path / "ours")))
+    ours = checkpoint.find_latest(tmp_path / "ours")
+    run_on_ranks(2, _check_logits, [ours], expected)  # the transformers model's logits, at TP=2
+
+    convert(ConvertConfig(source=str(tmp_path / "ours"), to="hf", output=str(tmp_path / "back")))
+    back = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "back").state_dict()
+    for name, tensor in original.state_dict().items():
+        assert torch.equal(back[name], tensor), name
+
+
+def test_the_entry_point_reshards(tmp_path):
+    serial = GPTModel(CFG, seed=1)
+    meta = {"tp": 1, "dp": 1, "model": vars(CFG)}
+    checkpoint.save_all(tmp_path / "run", 0, [{"iteration": 0, "model": serial.state_dict()}], meta)
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "-m", "megatron_exp.convert", f"source={tmp_path / 'run'}", "tp=2"]
+    done = subprocess.run([*command, f"output={tmp_path / 'tp2'}"], cwd=root, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    directory = checkpoint.find_latest(tmp_path / "tp2")
+    assert checkpoint.read_meta(directory)["world_size"] == 2
+    assert checkpoint.load_rank(directory, 1)["model"]["embedding.weight"].shape == (256, 64)
