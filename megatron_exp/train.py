@@ -49,7 +49,10 @@ def _newest_run_with_checkpoint(outputs: Path) -> Path:
 
 
 def _checkpoint_directory(path: Path, key: str) -> Path:
-    directory = checkpoint.resolve(path)
+    try:
+        directory = checkpoint.resolve(path)
+    except checkpoint.CheckpointError as error:
+        raise ConfigError(f"{key}={path}: {error}") from error
     if directory is None:
         raise ConfigError(f"{key}={path} holds no complete checkpoint (expected <run dir>/checkpoints/iter_*)")
     return directory

@@ -107,11 +107,16 @@ def read_meta(directory: Path) -> dict:
     return json.loads((directory / META).read_text())
 
 
-def is_complete(directory: Path) -> bool:
+def missing_files(directory: Path) -> list[Path]:
+    """What a checkpoint directory lacks to be complete: meta.json (written last) or some rank's shard."""
     if not (directory / META).is_file():
-        return False
+        return [directory / META]
     world_size = read_meta(directory)["world_size"]
-    return all(rank_file(directory, r).is_file() for r in range(world_size))
+    return [rank_file(directory, r) for r in range(world_size) if not rank_file(directory, r).is_file()]
+
+
+def is_complete(directory: Path) -> bool:
+    return not missing_files(directory)
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
@@ -141,7 +146,10 @@ def resolve(path: str | Path) -> Path | None:
     directory (or of its checkpoints/ folder)."""
     path = Path(path).expanduser()
     if (path / META).is_file():
-        return path if is_complete(path) else None
+        missing = missing_files(path)
+        if missing:
+            raise CheckpointError(f"{missing[0]} is missing: the checkpoint {path} is incomplete; use another one")
+        return path
     return find_latest(path.parent if path.name == "checkpoints" else path)
 
 

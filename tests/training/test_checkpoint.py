@@ -14,7 +14,7 @@ from megatron_exp.data import token_store
 from megatron_exp.models.gpt import GPTModel
 from megatron_exp.parallel import state
 from megatron_exp.parallel.sharding import shard_specs, split_state_dict
-from megatron_exp.train import _resolve_init_from
+from megatron_exp.train import _resolve_init_from, _resolve_resume
 from megatron_exp.training import checkpoint
 from megatron_exp.training.checkpoint import CheckpointError
 from megatron_exp.training.trainer import Trainer
@@ -139,3 +139,11 @@ def test_init_from_loads_weights_saved_at_another_tp_degree(tmp_path, shared_cac
         ConfigError, match=r"checkpoint.init_from=.*the model differs: model.layers=3 \(checkpoint: 2\)"
     ):
         _resolve_init_from(other)
+
+
+def test_naming_a_checkpoint_with_a_missing_shard_is_an_error_naming_the_file(tmp_path, shared_cache):
+    cfg, root = _saved_run(tmp_path, shared_cache)
+    os.remove(root / "iter_0000006" / "rank_00000.pt")
+    cfg.resume = str(root / "iter_0000006")
+    with pytest.raises(ConfigError, match=r"resume=.*iter_0000006: .*rank_00000.pt is missing: the checkpoint"):
+        _resolve_resume(cfg)
