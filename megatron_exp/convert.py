@@ -44,12 +44,7 @@ def _load_source(source: str) -> tuple[dict, ModelConfig]:
             raise ConfigError(f"source={source} could not be loaded by transformers: {error}") from error
         cfg = hf_gpt2.model_config(model.config, name=Path(name).name)
         return hf_gpt2.from_hf(model.state_dict(), cfg), cfg
-    try:
-        directory = checkpoint.resolve(source)
-    except checkpoint.CheckpointError as error:
-        raise ConfigError(f"source={source}: {error}") from error
-    if directory is None:
-        raise ConfigError(f"source={source} holds no complete checkpoint (expected <run dir>/checkpoints/iter_*)")
+    directory = checkpoint.require(source, "source")
     return checkpoint.load_serial_model_state(directory), checkpoint.model_config_of(directory)
 
 

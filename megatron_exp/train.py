@@ -48,16 +48,6 @@ def _newest_run_with_checkpoint(outputs: Path) -> Path:
     return pointers[-1].parents[1]
 
 
-def _checkpoint_directory(path: Path, key: str) -> Path:
-    try:
-        directory = checkpoint.resolve(path)
-    except checkpoint.CheckpointError as error:
-        raise ConfigError(f"{key}={path}: {error}") from error
-    if directory is None:
-        raise ConfigError(f"{key}={path} holds no complete checkpoint (expected <run dir>/checkpoints/iter_*)")
-    return directory
-
-
 def _differences(cfg: Config, meta: dict, keys: dict[str, object]) -> list[str]:
     saved = {
         f"model.{k}": v for k, v in meta["model"].items() if k not in ("name", "hidden_dropout", "attention_dropout")
@@ -69,7 +59,7 @@ def _differences(cfg: Config, meta: dict, keys: dict[str, object]) -> list[str]:
 
 
 def _resolve_init_from(cfg: Config) -> None:
-    directory = _checkpoint_directory(Path(cfg.checkpoint.init_from).expanduser(), "checkpoint.init_from")
+    directory = checkpoint.require(Path(cfg.checkpoint.init_from).expanduser(), "checkpoint.init_from")
     differ = _differences(cfg, checkpoint.read_meta(directory), {})
     if differ:
         raise ConfigError(
@@ -84,7 +74,7 @@ def _resolve_resume(cfg: Config) -> None:
     target = Path(cfg.resume).expanduser()
     if cfg.resume.lower() in ("true", "latest"):
         target = _newest_run_with_checkpoint(Path("outputs"))
-    directory = _checkpoint_directory(target, "resume")
+    directory = checkpoint.require(target, "resume")
     run_dir = directory.parents[1]
     meta = checkpoint.read_meta(directory)
     differ = _differences(cfg, meta, {"parallel.tp": meta["tp"], "parallel.dp": meta["dp"]})

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_exp.config import ModelConfig
+from megatron_exp.config import ConfigError, ModelConfig
 from megatron_exp.models.gpt import GPTModel
 from megatron_exp.parallel.sharding import merge_state_dicts, shard_specs
 
@@ -151,6 +151,17 @@ def resolve(path: str | Path) -> Path | None:
             raise CheckpointError(f"{missing[0]} is missing: the checkpoint {path} is incomplete; use another one")
         return path
     return find_latest(path.parent if path.name == "checkpoints" else path)
+
+
+def require(path: str | Path, key: str) -> Path:
+    """`resolve` for a config value: the checkpoint, or a ConfigError naming `key` and what is wrong."""
+    try:
+        directory = resolve(path)
+    except CheckpointError as error:
+        raise ConfigError(f"{key}={path}: {error}") from error
+    if directory is None:
+        raise ConfigError(f"{key}={path} holds no complete checkpoint (expected <run dir>/checkpoints/iter_*)")
+    return directory
 
 
 def load_rank(directory: Path, rank: int) -> dict:
