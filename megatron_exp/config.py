@@ -172,6 +172,13 @@ class Config:
     resume: str | None = None
     run_dir: str | None = None  # set at launch: the Hydra output directory (or the resumed run's)
 
+    @classmethod
+    def from_dict(cls, values: dict) -> Config:
+        """A typed Config from a plain dict (what workers receive), checked against the schema."""
+        from omegaconf import OmegaConf
+
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), values))
+
 
 @dataclass
 class ConvertConfig:

@@ -13,29 +13,25 @@ import shutil
 import socket
 import sys
 import uuid
-from dataclasses import asdict
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from omegaconf import OmegaConf
 from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-from megatron_exp.config import Config
+from megatron_exp.config import HardwareConfig, ParallelConfig
 from megatron_exp.parallel import state
+from megatron_exp.parallel.state import ProcessGrid
 
 log = logging.getLogger(__name__)
 
 
 def started_by_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ and "LOCAL_RANK" in os.environ
-
-
-def to_config(container: dict) -> Config:
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), container))
 
 
 def _setup_worker_logging(rank: int) -> None:
@@ -48,44 +44,43 @@ def _setup_worker_logging(rank: int) -> None:
     )
 
 
-def run_worker(cfg: Config) -> dict:
-    """Body of one rank: process grid, then the trainer."""
-    from megatron_exp.training.trainer import Trainer, wandb_settings
-
+def start_worker(hardware: HardwareConfig, parallel: ParallelConfig) -> ProcessGrid:
+    """This rank's share of the machine (CPU threads, or its GPU), then the process grid."""
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    if cfg.hardware.device == "cpu":
+    if hardware.device == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     else:
         torch.cuda.set_device(local_rank)
-    timeout = timedelta(seconds=cfg.parallel.timeout_s)
-    grid = state.initialize(cfg.parallel.tp, cfg.parallel.pp, backend=cfg.hardware.backend, timeout=timeout)
-    try:
-        result = Trainer(cfg, grid, wandb_settings(cfg) if grid.rank == 0 else None).run()
-        dist.barrier()  # tear down together: gloo can abort if a peer destroys its groups mid-exchange
-        return result
-    finally:
-        state.destroy()
+    timeout = timedelta(seconds=parallel.timeout_s)
+    return state.initialize(parallel.tp, parallel.pp, backend=hardware.backend, timeout=timeout)
+
+
+def finish_worker() -> None:
+    """Tear down together (gloo can abort if a peer destroys its groups mid-exchange), then destroy the grid."""
+    dist.barrier()
+    state.destroy()
 
 
 @record
-def _spawned_worker(container: dict) -> dict:
-    """Entry point of a worker spawned by `spawn`; @record passes its exception back to the launcher."""
+def _spawned_worker(entry: Callable[[dict], dict], payload: dict) -> dict:
+    """A worker spawned by `spawn`; @record passes its exception back to the launcher."""
     rank = int(os.environ["RANK"])
     _setup_worker_logging(rank)
     # Every rank says where it runs, so a stuck or killed rank can be found (logs/<job>/attempt_0/<rank>/).
     print(f"[rank {rank}] pid {os.getpid()} on {socket.gethostname()}", flush=True)
-    return run_worker(to_config(container))
+    return entry(payload)
 
 
 class WorkerFailed(RuntimeError):
     """A worker exited with an error; the message names the rank and carries its error."""
 
 
-def spawn(cfg: Config) -> dict:
-    """Run tp x dp x pp workers on this node and wait for them; returns rank 0's final metrics."""
-    workers = cfg.parallel.tp * cfg.parallel.dp * cfg.parallel.pp
-    logs = Path(cfg.run_dir) / "logs"
+def spawn(entry: Callable[[dict], dict], payload: dict, workers: int, run_dir: str | Path) -> dict:
+    """Run `entry(payload)` on `workers` processes of this node and wait for them; returns rank 0's result.
+
+    `entry` must be a module-level function (it is pickled into each worker)."""
+    logs = Path(run_dir) / "logs"
     launch = LaunchConfig(
         min_nodes=1,
         max_nodes=1,
@@ -101,7 +96,7 @@ def spawn(cfg: Config) -> dict:
     # The agent would dump each failed worker's traceback again; it is already on the console and in the logs.
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
     try:
-        results = elastic_launch(launch, _spawned_worker)(asdict(cfg))
+        results = elastic_launch(launch, _spawned_worker)(entry, payload)
     except ChildFailedError as failure:
         rank, first = failure.get_first_failure()
         message = first.message.get("message", "") if isinstance(first.message, dict) else first.message
@@ -111,12 +106,12 @@ def spawn(cfg: Config) -> dict:
     return results[0]
 
 
-def init_joined_job(cfg: Config) -> None:
+def init_joined_job(hardware: HardwareConfig, parallel: ParallelConfig) -> None:
     """Join the torchrun job's default process group (needed before ranks can agree on anything)."""
-    backend = cfg.hardware.backend if cfg.hardware.backend != "auto" else state.default_backend()
+    backend = hardware.backend if hardware.backend != "auto" else state.default_backend()
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group(backend=backend, timeout=timedelta(seconds=cfg.parallel.timeout_s))
+    dist.init_process_group(backend=backend, timeout=timedelta(seconds=parallel.timeout_s))
 
 
 def agree_on_run_dir(my_run_dir: str) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -23,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from megatron_exp import launch, preflight
 from megatron_exp.config import Config, ConfigError
 from megatron_exp.data import token_store
-from megatron_exp.training import checkpoint
+from megatron_exp.training import checkpoint, trainer
 
 log = logging.getLogger("megatron_exp.train")
 
@@ -31,8 +32,10 @@ ConfigStore.instance().store(name="schema", node=Config)
 
 
 def _prepare_data(cfg: Config) -> None:
-    """Build (or find) the token cache and check the model's vocabulary holds the tokenizer's."""
+    """Build (or find) the token cache, check the model's vocabulary holds the tokenizer's, and keep the
+    tokenizer with the run (the evaluation tasks read text with it)."""
     path = token_store.prepare(cfg.data)
+    shutil.copyfile(path / "tokenizer.json", Path(cfg.run_dir) / "tokenizer.json")
     tokenizer_vocab = token_store.read_meta(path)["vocab_size"]
     if tokenizer_vocab > cfg.model.vocab_size:
         raise ConfigError(
@@ -98,7 +101,7 @@ def run(cfg: Config) -> dict:
     world_size = int(os.environ["WORLD_SIZE"]) if joined else None
     cfg.run_dir = HydraConfig.get().runtime.output_dir
     if joined:
-        launch.init_joined_job(cfg)
+        launch.init_joined_job(cfg.hardware, cfg.parallel)
         cfg.run_dir = launch.agree_on_run_dir(cfg.run_dir)
     try:
         preflight.resolve(cfg, world_size)
@@ -119,7 +122,9 @@ def run(cfg: Config) -> dict:
         _save_config(cfg)
     log.info("run directory: %s", cfg.run_dir)
     try:
-        result = launch.run_worker(cfg) if joined else launch.spawn(cfg)
+        payload = asdict(cfg)
+        workers = cfg.parallel.tp * cfg.parallel.dp * cfg.parallel.pp
+        result = trainer.worker(payload) if joined else launch.spawn(trainer.worker, payload, workers, cfg.run_dir)
     except launch.WorkerFailed as error:
         log.error("error: %s", error)
         sys.exit(1)

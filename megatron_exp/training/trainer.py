@@ -15,11 +15,12 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from megatron_exp import launch
 from megatron_exp.config import Config, HardwareConfig
 from megatron_exp.data import token_store
 from megatron_exp.data.gpt_dataset import GPTSamples, micro_batch_positions
 from megatron_exp.models.gpt import GPTModel
-from megatron_exp.parallel import random
+from megatron_exp.parallel import random, state
 from megatron_exp.parallel.mappings import all_reduce_
 from megatron_exp.parallel.state import ProcessGrid
 from megatron_exp.training import checkpoint, flops
@@ -296,3 +297,15 @@ def wandb_settings(cfg: Config) -> dict | None:
         "mode": lg.mode,
         "settings": {"console": "off", "quiet": True, "x_disable_stats": True, "disable_git": True},
     }
+
+
+def worker(container: dict) -> dict:
+    """One training rank (spawned, or a torchrun process): grid, trainer, teardown. Returns rank 0's results."""
+    cfg = Config.from_dict(container)
+    grid = launch.start_worker(cfg.hardware, cfg.parallel)
+    try:
+        result = Trainer(cfg, grid, wandb_settings(cfg) if grid.rank == 0 else None).run()
+        launch.finish_worker()
+        return result
+    finally:
+        state.destroy()
