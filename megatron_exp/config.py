@@ -7,10 +7,20 @@ an error at composition time. `ConfigError` messages are one line that names the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TypeVar
+
+from omegaconf import OmegaConf
+
+T = TypeVar("T")
 
 
 class ConfigError(ValueError):
     """A configuration that cannot run; the message names the key and how to fix it."""
+
+
+def typed(schema: type[T], values: dict) -> T:
+    """A typed config from a plain dict (what workers receive), checked against the schema."""
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), values))
 
 
 @dataclass
@@ -172,13 +182,6 @@ class Config:
     resume: str | None = None
     run_dir: str | None = None  # set at launch: the Hydra output directory (or the resumed run's)
 
-    @classmethod
-    def from_dict(cls, values: dict) -> Config:
-        """A typed Config from a plain dict (what workers receive), checked against the schema."""
-        from omegaconf import OmegaConf
-
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), values))
-
 
 @dataclass
 class ConvertConfig:
@@ -189,3 +192,30 @@ class ConvertConfig:
     to: str = "megatron"  # megatron: TP shards loadable by the tasks (and by training as weights) | hf
     tp: int = 1  # TP degree of the output (to=megatron)
     output: str = "???"  # the output directory (megatron: a run directory with checkpoints/; hf: save_pretrained)
+
+
+@dataclass
+class TaskConfig:
+    name: str = "wikitext103"
+    source: str = "???"  # a local file (text for WikiText, jsonl for LAMBADA) or hub:<dataset name>
+    hub_config: str | None = None
+    split: str = "test"  # the hub dataset's split
+    text_field: str = "text"
+    seq_len: int | None = None  # context per forward; None: model.seq_len
+    stride: int = 32  # WikiText: tokens scored per window after the first (overlapping evaluation)
+    strict: bool = True  # LAMBADA: the whole last word must be predicted; false: only the last token
+    micro_batch: int = 8  # sequences per forward
+    max_examples: int | None = None  # LAMBADA: evaluate only the first N (quick checks)
+
+
+@dataclass
+class EvalConfig:
+    """A zero-shot evaluation of a checkpoint, at any TP degree."""
+
+    checkpoint: str = "???"  # a run directory (its newest checkpoint), checkpoint directory, or convert output
+    tokenizer: str | None = None  # tokenizer.json; None: the run's own, or GPT-2's for a 50,257-entry vocabulary
+    task: TaskConfig = field(default_factory=TaskConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    run_dir: str | None = None  # set at launch

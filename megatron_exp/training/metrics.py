@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
+from dataclasses import asdict
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -74,3 +76,43 @@ class MetricSinks:
                 self.wandb.finish()
             except Exception as error:
                 log.warning("W&B did not finish cleanly (%s)", error)
+
+
+def wandb_settings(cfg, name: str | None = None, group: str | None = None) -> dict | None:
+    """Arguments for wandb.init from a config with `logger` and `run_dir` (training or evaluation), or None when
+    W&B is off. The run's id is kept in the run directory, so a resumed run logs to the same W&B run."""
+    lg = cfg.logger
+    if not lg.wandb or lg.mode == "disabled":
+        return None
+    id_file = Path(cfg.run_dir) / "wandb_id"
+    if not id_file.is_file():
+        id_file.write_text(uuid.uuid4().hex[:12])
+    return {
+        "id": id_file.read_text().strip(),
+        "resume": "allow",
+        "project": lg.project,
+        "entity": lg.entity,
+        "name": lg.name or name or Path(cfg.run_dir).name,
+        "group": lg.group or group,
+        "tags": list(lg.tags),
+        "job_type": lg.job_type,
+        "config": asdict(cfg),
+        "dir": cfg.run_dir,
+        "mode": lg.mode,
+        "settings": {"console": "off", "quiet": True, "x_disable_stats": True, "disable_git": True},
+    }
+
+
+def publish(wandb_kwargs: dict | None, values: dict) -> None:
+    """Record one set of final values (an evaluation) as a W&B run; a failure is a warning."""
+    if wandb_kwargs is None:
+        return
+    try:
+        import wandb
+
+        run = wandb.init(**wandb_kwargs)
+        run.log(values)
+        run.summary.update(values)
+        run.finish()
+    except Exception as error:
+        log.warning("W&B could not record the results (%s); they are in results.json", error)

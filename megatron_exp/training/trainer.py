@@ -7,7 +7,6 @@ import logging
 import math
 import resource
 import time
-import uuid
 from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
@@ -16,7 +15,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from megatron_exp import launch
-from megatron_exp.config import Config, HardwareConfig
+from megatron_exp.config import Config, HardwareConfig, typed
 from megatron_exp.data import token_store
 from megatron_exp.data.gpt_dataset import GPTSamples, micro_batch_positions
 from megatron_exp.models.gpt import GPTModel
@@ -24,7 +23,7 @@ from megatron_exp.parallel import random, state
 from megatron_exp.parallel.mappings import all_reduce_
 from megatron_exp.parallel.state import ProcessGrid
 from megatron_exp.training import checkpoint, flops
-from megatron_exp.training.metrics import MetricSinks
+from megatron_exp.training.metrics import MetricSinks, wandb_settings
 from megatron_exp.training.optim import DynamicLossScaler, build_optimizer, clip_gradients_, learning_rate
 
 log = logging.getLogger(__name__)
@@ -274,34 +273,9 @@ class Trainer:
         return record
 
 
-def wandb_settings(cfg: Config) -> dict | None:
-    """Arguments for wandb.init, or None when W&B is off."""
-    lg = cfg.logger
-    if not lg.wandb or lg.mode == "disabled":
-        return None
-    # One W&B run per training run, across resumes: the id is kept in the run directory.
-    id_file = Path(cfg.run_dir) / "wandb_id"
-    if not id_file.is_file():
-        id_file.write_text(uuid.uuid4().hex[:12])
-    return {
-        "id": id_file.read_text().strip(),
-        "resume": "allow",
-        "project": lg.project,
-        "entity": lg.entity,
-        "name": lg.name or Path(cfg.run_dir).name,
-        "group": lg.group,
-        "tags": list(lg.tags),
-        "job_type": lg.job_type,
-        "config": asdict(cfg),
-        "dir": cfg.run_dir,
-        "mode": lg.mode,
-        "settings": {"console": "off", "quiet": True, "x_disable_stats": True, "disable_git": True},
-    }
-
-
 def worker(container: dict) -> dict:
     """One training rank (spawned, or a torchrun process): grid, trainer, teardown. Returns rank 0's results."""
-    cfg = Config.from_dict(container)
+    cfg = typed(Config, container)
     grid = launch.start_worker(cfg.hardware, cfg.parallel)
     try:
         result = Trainer(cfg, grid, wandb_settings(cfg) if grid.rank == 0 else None).run()

@@ -8,7 +8,8 @@ from megatron_exp import preflight
 from megatron_exp.data import token_store
 from megatron_exp.parallel import state
 from megatron_exp.training import flops
-from megatron_exp.training.trainer import Trainer, TrainingDiverged, wandb_settings
+from megatron_exp.training.metrics import wandb_settings
+from megatron_exp.training.trainer import Trainer, TrainingDiverged
 from tests.conftest import compose_config
 
 

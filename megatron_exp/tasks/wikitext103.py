@@ -1,0 +1,125 @@
+"""`python -m megatron_exp.tasks.wikitext103 checkpoint=...`: zero-shot WikiText-103 perplexity, the paper's way.
+
+The word-level test file (with <unk>) is detokenized and encoded as one BPE stream of T tokens. Windows of
+seq_len + 1 tokens start every `stride` tokens; window 0 scores all its targets and each later window only the
+targets no earlier window scored (its last `stride`), so every target t >= 1 is scored exactly once, with at least
+seq_len - stride tokens of context. Reported: token loss and perplexity over the T - 1 targets, and the
+word-normalized perplexity exp(total / (To - 1)) with To the file's word count: the paper's number.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from contextlib import nullcontext
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from megatron_exp.config import ConfigError, EvalConfig, TaskConfig
+from megatron_exp.parallel.cross_entropy import vocab_parallel_cross_entropy
+from megatron_exp.tasks import common
+
+# The word-level file's tokenization, undone: (pattern, replacement), applied in order.
+_DETOKENIZE = [
+    (r"s '", "s'"),  # plural possessive
+    (r" @(.)@ ", r"\1"),  # number-internal separators: 1 @,@ 000 / 2 @.@ 5 / well @-@ known
+    (r" ([:;.!?,])", r"\1"),  # no space before punctuation
+    (r"\( *([^\)]*?) *\)", r"(\1)"),  # no space inside brackets
+    (r"\[ *([^\]]*?) *\]", r"[\1]"),
+    (r"\{ *([^\}]*?) *\}", r"{\1}"),
+    (r'" *([^"]*?) *"', r'"\1"'),  # nor inside quotes
+    (r"= = = =", "===="),  # section headings
+    (r"= = =", "==="),
+    (r"= =", "=="),
+    (r" \n", "\n"),
+    (r"\n ", "\n"),
+    (r" N ", " 1 "),  # the number placeholder
+    (r" 's", "'s"),
+]
+
+
+def detokenize(text: str) -> str:
+    for pattern, replacement in _DETOKENIZE:
+        text = re.sub(pattern, replacement, text)
+    return text
+
+
+def word_count(text: str) -> int:
+    """To: the space-separated words of the word-level file (245,566 for the test set)."""
+    return len(text.strip().split(" "))
+
+
+def windows(num_tokens: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
+    """(start, end, first_scored): a window reads tokens[start:end] and scores targets with index >= first_scored."""
+    if not 0 < stride <= seq_len:
+        raise ConfigError(f"task.stride={stride} must be between 1 and the sequence length {seq_len}")
+    spans, scored_up_to = [], 0  # targets 1..scored_up_to are scored
+    while scored_up_to < num_tokens - 1:
+        start = len(spans) * stride
+        end = min(start + seq_len + 1, num_tokens)
+        spans.append((start, end, scored_up_to + 1))
+        scored_up_to = end - 1
+    return spans
+
+
+def window_batch(tokens: list[int], spans, seq_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inputs and targets [n, seq_len] (short last windows padded) and the mask of scored targets."""
+    inputs = torch.zeros(len(spans), seq_len, dtype=torch.long)
+    targets = torch.zeros_like(inputs)
+    mask = torch.zeros(len(spans), seq_len)
+    for row, (start, end, first_scored) in enumerate(spans):
+        piece = torch.tensor(tokens[start:end])
+        n = len(piece) - 1
+        inputs[row, :n], targets[row, :n] = piece[:-1], piece[1:]
+        target_index = torch.arange(start + 1, start + 1 + n)
+        mask[row, :n] = (target_index >= first_scored).float()
+    return inputs, targets, mask
+
+
+@torch.no_grad()
+def evaluate(model, task: TaskConfig, inputs: dict, autocast=nullcontext, progress=False) -> dict:
+    """Sum of token losses over every target, window batch by window batch (the same on every TP rank)."""
+    tokens, seq_len = inputs["tokens"], task.seq_len
+    spans = windows(len(tokens), seq_len, task.stride)
+    device = model.embedding.weight.device
+    total, scored = 0.0, 0
+    batches = range(0, len(spans), task.micro_batch)
+    for first in tqdm(batches, desc="wikitext103", disable=not progress, mininterval=5):
+        x, y, mask = (t.to(device) for t in window_batch(tokens, spans[first : first + task.micro_batch], seq_len))
+        with autocast():
+            logits = model(x)
+        losses = vocab_parallel_cross_entropy(logits, y, model.cfg.vocab_size, model.tp)
+        total += float((losses * mask).sum())
+        scored += int(mask.sum())
+    num_tokens, words = len(tokens), inputs["words"]
+    return {
+        "tokens": num_tokens,
+        "scored_targets": scored,
+        "words": words,
+        "loss": total / scored,
+        "ppl": math.exp(total / scored),
+        "word_ppl": math.exp(total / (words - 1)),  # the paper's number
+        "seq_len": seq_len,
+        "stride": task.stride,
+    }
+
+
+def build_inputs(cfg: EvalConfig, tokenizer) -> dict:
+    text = "".join(common.read_texts(cfg.task))  # hub rows are lines that keep their newline
+    return {"tokens": tokenizer.encode(detokenize(text)).ids, "words": word_count(text)}
+
+
+def worker(payload: dict) -> dict | None:
+    return common.run_worker(payload, evaluate)
+
+
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="eval_wikitext103")
+def main(raw: DictConfig) -> dict:
+    return common.main(OmegaConf.to_object(raw), build_inputs, worker)
+
+
+if __name__ == "__main__":
+    main()

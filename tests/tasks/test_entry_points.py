@@ -1,0 +1,66 @@
+"""End to end: train the tiny model briefly, then evaluate its checkpoint with both entry points."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.test_train import ROOT, TINY, train
+
+WIKI = " = Valkyria = \n \n The game 's battle system , the BliTZ system , is carried over . It is 2 @.@ 5 times " * 40
+PASSAGES = ["The ship sailed into the harbour and the captain went ashore", "She opened the door and saw her mother"]
+
+
+def evaluate(task: str, run_dir, *overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", f"megatron_exp.tasks.{task}", *overrides, f"hydra.run.dir={run_dir}"],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, shared_cache):
+    run_dir = tmp_path_factory.mktemp("trained")
+    done = train(run_dir, *TINY, "train.iterations=5", "logger.wandb=false", cache=shared_cache)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return run_dir
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_wikitext103_entry_point(tmp_path, trained, tp):
+    source = tmp_path / "wiki.test.tokens"
+    source.write_text(WIKI)
+    done = evaluate("wikitext103", tmp_path / "eval", f"checkpoint={trained}", f"task.source={source}",
+                    "task.seq_len=64", "task.stride=16", f"parallel.tp={tp}")  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert results["words"] == len(WIKI.strip().split(" ")) and results["scored_targets"] == results["tokens"] - 1
+    assert results["ppl"] == pytest.approx(math.exp(results["loss"]))
+    assert math.isfinite(results["word_ppl"]) and results["tp"] == tp
+    assert list((tmp_path / "eval" / "wandb").glob("offline-run-*/run-*.wandb"))  # a W&B eval run
+    assert "word_ppl" in done.stdout + done.stderr  # the printed table
+
+
+def test_lambada_entry_point(tmp_path, trained):
+    source = tmp_path / "lambada.jsonl"
+    source.write_text("".join(json.dumps({"text": t}) + "\n" for t in PASSAGES))
+    done = evaluate("lambada", tmp_path / "eval", f"checkpoint={trained}", f"task.source={source}")
+    assert done.returncode == 0, done.stdout + done.stderr
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert results["examples"] == 2 and 0.0 <= results["accuracy"] <= 1.0 and results["strict"] is True
+    assert results["ppl"] == pytest.approx(math.exp(results["loss"]))
+    assert list((tmp_path / "eval" / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+def test_a_checkpoint_that_does_not_exist_is_a_one_line_error(tmp_path):
+    done = evaluate("lambada", tmp_path / "eval", f"checkpoint={tmp_path / 'nothing'}", "task.source=x.jsonl")
+    assert done.returncode == 2
+    errors = [line for line in (done.stdout + done.stderr).splitlines() if "error:" in line]
+    assert len(errors) == 1 and "checkpoint=" in errors[0] and "holds no complete checkpoint" in errors[0]

@@ -1,0 +1,107 @@
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_exp.config import ConfigError, ModelConfig, TaskConfig
+from megatron_exp.models.gpt import GPTModel
+from megatron_exp.parallel import state
+from megatron_exp.parallel.sharding import shard_specs, split_state_dict
+from megatron_exp.tasks import common, wikitext103
+from megatron_exp.training import checkpoint
+from tests.distributed import run_on_ranks
+from tests.tasks.fixtures import NextTokenOracle
+
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
+
+
+@pytest.mark.parametrize(
+    "num_tokens, seq_len, stride",
+    [(1000, 64, 32), (1001, 64, 32), (1037, 64, 7), (50, 64, 32), (65, 64, 32), (66, 64, 32), (500, 16, 16), (2, 8, 1)],
+)
+def test_every_target_is_scored_exactly_once(num_tokens, seq_len, stride):
+    tokens = list(range(num_tokens))
+    spans = wikitext103.windows(num_tokens, seq_len, stride)
+    inputs, targets, mask = wikitext103.window_batch(tokens, spans, seq_len)
+    assert mask.sum() == num_tokens - 1
+    scored = targets[mask.bool()].tolist()  # token i is target index i here
+    assert sorted(scored) == list(range(1, num_tokens))
+    assert mask[0].sum() == min(seq_len, num_tokens - 1)  # window 0 scores all its targets
+    assert all(row.sum() <= stride for row in mask[1:])  # later windows only their last `stride`
+    for row in range(len(spans)):  # every scored target after window 0 has seq_len - stride tokens of context
+        positions = mask[row].nonzero().flatten()
+        if row > 0:
+            assert positions.min() >= seq_len - stride
+        assert torch.equal(targets[row, positions], inputs[row, positions] + 1)
+
+
+def test_a_stride_longer_than_the_window_is_an_error():
+    with pytest.raises(ConfigError, match=r"task.stride=65 must be between 1 and the sequence length 64"):
+        wikitext103.windows(1000, 64, 65)
+
+
+def test_detokenization_undoes_the_word_level_format():
+    raw = " = = Early life = = \n He scored 1 @,@ 000 points in 2 @.@ 5 years , "
+    raw += 'a well @-@ known " record " ( so far ) . \n'
+    assert wikitext103.detokenize(raw) == (
+        ' == Early life ==\nHe scored 1,000 points in 2.5 years, a well-known "record" (so far).\n'
+    )
+    assert wikitext103.detokenize("the players ' union and John 's team") == "the players' union and John's team"
+
+
+@pytest.mark.skipif(not (SHARED / "wikitext103_test.tokens").is_file(), reason="../shared/data is not present")
+def test_the_real_test_file_has_the_papers_word_count():
+    text = (SHARED / "wikitext103_test.tokens").read_text(encoding="utf-8")
+    assert wikitext103.word_count(text) == 245_566
+
+
+def test_a_model_that_always_predicts_the_target_scores_perplexity_one():
+    task = TaskConfig(seq_len=16, stride=4, micro_batch=3)
+    tokens = [i % 300 for i in range(250)]
+    inputs = {"tokens": tokens, "words": 100}
+    perfect = wikitext103.evaluate(NextTokenOracle(300), task, inputs)
+    assert perfect["scored_targets"] == 249 and perfect["ppl"] == pytest.approx(1.0, abs=1e-9)
+    assert perfect["word_ppl"] == pytest.approx(1.0, abs=1e-9)
+    wrong = wikitext103.evaluate(NextTokenOracle(300, shift=2), task, inputs)
+    assert wrong["loss"] == pytest.approx(100.0, rel=1e-4) and wrong["word_ppl"] == pytest.approx(
+        math.exp(100.0 * 249 / 99), rel=1e-3
+    )
+
+
+CFG = ModelConfig(name="eval", hidden=64, heads=4, layers=2, vocab_size=300, seq_len=32)
+TOKENS = [int(t) for t in torch.randint(0, 300, (400,), generator=torch.Generator().manual_seed(0))]
+
+
+def _saved_checkpoint(path: Path) -> Path:
+    serial = GPTModel(CFG, seed=5)
+    meta = {"tp": 1, "dp": 1, "model": vars(CFG)}
+    return checkpoint.save_all(path, 0, [{"iteration": 0, "model": serial.state_dict()}], meta)
+
+
+def _evaluate_at_current_tp(directory: Path, expected: dict | None, out: Path | None):
+    model = common.load_model(directory, state.current().tp, torch.device("cpu"))
+    task = TaskConfig(seq_len=32, stride=8, micro_batch=4)
+    results = wikitext103.evaluate(model, task, {"tokens": TOKENS, "words": 150})
+    if out is not None:
+        torch.save(results, out)
+    if expected is not None:
+        for key, value in expected.items():
+            assert results[key] == pytest.approx(value, rel=1e-5), key
+
+
+def test_tp2_evaluation_equals_tp1(tmp_path):
+    directory = _saved_checkpoint(tmp_path / "run")
+    _evaluate_at_current_tp(directory, None, tmp_path / "tp1.pt")
+    expected = torch.load(tmp_path / "tp1.pt")
+    assert expected["scored_targets"] == 399
+    run_on_ranks(2, _evaluate_at_current_tp, directory, expected, None)
+
+
+def test_a_tp_shard_split_of_the_same_weights_gives_the_same_numbers(tmp_path):
+    serial = GPTModel(CFG, seed=5)
+    shards = split_state_dict(serial.state_dict(), shard_specs(serial), 2)
+    meta = {"tp": 2, "dp": 1, "model": vars(CFG)}
+    saved_at_tp2 = checkpoint.save_all(tmp_path / "tp2", 0, [{"iteration": 0, "model": s} for s in shards], meta)
+    _evaluate_at_current_tp(_saved_checkpoint(tmp_path / "tp1"), None, tmp_path / "a.pt")
+    _evaluate_at_current_tp(saved_at_tp2, torch.load(tmp_path / "a.pt"), None)  # merged on load, at TP=1
