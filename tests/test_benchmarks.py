@@ -1,0 +1,29 @@
+"""The CPU benchmark runs end to end (tiny shape) and its communication matches the paper's count."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_cpu_benchmark_quick_run_reports_every_measurement(tmp_path):
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        [sys.executable, "benchmarks/cpu_training.py", "--quick", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    results = json.loads(out.read_text())
+    assert results["matmul_ceiling_tflops"] > 0 and results["plain_vs_framework"]["speed_ratio"] > 0
+    assert (
+        results["activation_checkpointing"]["with"]["activation_mb"]
+        < results["activation_checkpointing"]["without"]["activation_mb"]
+    )
+    tp2, analytic = results["tp_scaling"]["2"], results["analytic_all_reduces_per_step"]
+    assert (tp2["all_reduces"], tp2["bytes"]) == (analytic["count"], analytic["bytes"])  # exactly the paper's
+    assert "| framework / plain throughput |" in done.stdout
