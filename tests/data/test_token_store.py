@@ -91,3 +91,19 @@ def test_the_embedded_corpus_is_pythons_documentation():
     sizes = {name: len(ds) for name, ds in splits.items()}
     assert sum(sizes.values()) >= 70 and sizes["valid"] >= 5 and sizes["test"] >= 5
     assert sum(len(t) for t in splits["train"]["text"]) > 300_000
+
+
+def test_large_corpora_are_tokenized_by_several_processes_with_the_same_result(tmp_path):
+    many = [f"Passage {i}: {DOCS[i % len(DOCS)]}" for i in range(2400)]
+    path = tmp_path / "many.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in many))
+    counts = {}
+    for processes in (1, 2):
+        cfg = _config(str(path), str(tmp_path / f"cache{processes}"), num_proc=processes)
+        built = token_store.prepare(cfg)
+        counts[processes] = token_store.read_meta(built)["splits"]
+        tokens = {s: np.asarray(token_store.load_tokens(built, s)) for s in ("train", "valid", "test")}
+        if processes == 1:
+            serial_tokens = tokens
+    assert counts[1] == counts[2] and counts[2]["train"]["documents"] > 2000  # 2 workers were used (>= 2000 docs)
+    assert all(np.array_equal(serial_tokens[s], tokens[s]) for s in tokens)
