@@ -140,5 +140,6 @@ def _check_memory(cfg: Config, workers: int) -> None:
             f"gradients and Adam state ({total / 1e9:.2f}B parameters x {BYTES_PER_PARAMETER} bytes; "
             f"~{need_rank:.1f} GB on each of {cfg.parallel.tp} TP ranks) but {where}: run it on "
             f"{cfg.parallel.tp} GPUs with more than {need_rank:.0f} GB each (e.g. hardware=h100), raise "
-            "parallel.tp, or choose a smaller model"
+            "parallel.tp, or choose a smaller model (python -m megatron_exp.plan with the same overrides shows the "
+            "breakdown)"
         )

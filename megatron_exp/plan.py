@@ -1,0 +1,130 @@
+"""`python -m megatron_exp.plan [the same overrides as train]`: will this config fit, and what will it cost?
+
+Builds one rank's shard on the meta device (nothing allocated) and prints, per rank: parameters; memory for
+weights, gradients and Adam state (fp32: 4 + 4 + 8 bytes per parameter); activation memory at the configured
+micro batch with and without activation checkpointing; FLOPs per iteration; and whether it fits the device.
+
+Activations are what autograd keeps for backward in this implementation, measured and then written down here
+(tests/test_plan.py checks the estimate against a measurement). Per layer and TP degree t, in elements:
+    b s h (4 + 12/t)   layer input, the two layernorm outputs, q/k/v, attention output, the MLP's two 4h tensors
+  + b (a/t) s          fused attention's row statistics (it keeps no s x s scores)
+With dropout on: 2 masks of b s h per layer (+1 after the embedding), 4 bytes each on CPU, 1 on GPU; and on CPU,
+where the fused attention kernel has no dropout, the math path keeps 12 bytes per score: b (a/t) s^2 x 12.
+Outside the layers: the final layernorm input and output (2 b s h) and the vocab-parallel loss's softmax
+(b s V/t, fp32). With checkpointing each layer keeps only its input (b s h), plus one layer's full set live
+during its recomputation.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from megatron_exp import preflight
+from megatron_exp.config import Config, ConfigError
+from megatron_exp.parallel.sharding import padded_vocab_size
+from megatron_exp.train import ConfigStore  # noqa: F401 - registers the schema
+from megatron_exp.training.flops import hardware_flops, model_flops
+
+log = logging.getLogger("megatron_exp.plan")
+
+
+def _sizes(cfg: Config) -> tuple[int, int, int, int, int]:
+    m = cfg.model
+    return cfg.parallel.micro_batch, cfg.data.seq_len or m.seq_len, m.hidden, m.heads, cfg.parallel.tp
+
+
+def _mask_bytes(cfg: Config) -> float:
+    b, s, h, _, _ = _sizes(cfg)
+    return (4 if cfg.hardware.device != "cuda" else 1) * b * s * h if cfg.model.hidden_dropout > 0 else 0
+
+
+def layer_activation_bytes(cfg: Config) -> float:
+    """What one transformer layer keeps for backward."""
+    b, s, h, a, tp = _sizes(cfg)
+    element = 4 if cfg.hardware.precision in ("fp32", "auto") else 2
+    kept = b * s * h * (4 + 12 / tp) * element + b * (a / tp) * s * 4 + 2 * _mask_bytes(cfg)
+    if cfg.hardware.device != "cuda" and cfg.model.attention_dropout > 0:
+        kept += b * (a / tp) * s * s * 12
+    return kept
+
+
+def activation_bytes(cfg: Config, recompute: bool, peak: bool = True) -> float:
+    """Activation memory of one micro batch: kept across the forward pass, plus (`peak`) the layer being
+    recomputed in backward when checkpointing."""
+    b, s, h, _, tp = _sizes(cfg)
+    element = 4 if cfg.hardware.precision in ("fp32", "auto") else 2
+    outside = 2 * b * s * h * element + b * s * padded_vocab_size(cfg.model.vocab_size, tp) / tp * 4
+    outside += _mask_bytes(cfg)  # the embedding's dropout
+    if not recompute:
+        return cfg.model.layers * layer_activation_bytes(cfg) + outside
+    return cfg.model.layers * b * s * h * element + outside + (layer_activation_bytes(cfg) if peak else 0)
+
+
+def estimate(cfg: Config) -> dict:
+    per_rank, total = preflight.parameter_counts(cfg)
+    par, m = cfg.parallel, cfg.model
+    seq = cfg.data.seq_len or m.seq_len
+    vocab = padded_vocab_size(m.vocab_size, par.tp)
+    states = per_rank * preflight.BYTES_PER_PARAMETER
+    activations = {ac: activation_bytes(cfg, ac) for ac in (False, True)}
+    used = activations[par.activation_checkpointing]
+    memory = cfg.hardware.memory_gb
+    return {
+        "parameters_total": total,
+        "parameters_per_rank": per_rank,
+        "weights_gb": per_rank * 4 / 1e9,
+        "gradients_gb": per_rank * 4 / 1e9,
+        "optimizer_gb": per_rank * 8 / 1e9,
+        "activations_gb": activations[False] / 1e9,
+        "activations_checkpointed_gb": activations[True] / 1e9,
+        "total_gb": (states + used) / 1e9,
+        "device_memory_gb": memory,
+        "fits": None if memory is None else (states + used) / 1e9 <= memory,
+        "model_flops_per_iteration": model_flops(par.global_batch, seq, m.layers, m.hidden, vocab),
+        "executed_flops_per_iteration": hardware_flops(
+            par.global_batch, seq, m.layers, m.hidden, vocab, par.activation_checkpointing
+        ),
+    }
+
+
+def report(cfg: Config, plan: dict) -> str:
+    par = cfg.parallel
+    fits = {None: "unknown (no device memory given)", True: "yes", False: "NO"}[plan["fits"]]
+    rows = [
+        ("parameters (whole model)", f"{plan['parameters_total'] / 1e9:.3f}B"),
+        ("parameters per rank", f"{plan['parameters_per_rank'] / 1e9:.3f}B"),
+        ("weights (fp32)", f"{plan['weights_gb']:.2f} GB"),
+        ("gradients (fp32)", f"{plan['gradients_gb']:.2f} GB"),
+        ("Adam state (2 x fp32)", f"{plan['optimizer_gb']:.2f} GB"),
+        (f"activations, micro batch {par.micro_batch}", f"{plan['activations_gb']:.2f} GB"),
+        ("activations with checkpointing", f"{plan['activations_checkpointed_gb']:.2f} GB"),
+        ("total per rank (as configured)", f"{plan['total_gb']:.2f} GB"),
+        (f"{cfg.hardware.name} memory per device", f"{plan['device_memory_gb'] or 0:.0f} GB"),
+        ("fits", fits),
+        ("model FLOPs per iteration", f"{plan['model_flops_per_iteration']:.3e}"),
+    ]
+    title = f"{cfg.model.name} at tp={par.tp} x dp={par.dp}, global batch {par.global_batch}, seq {cfg.data.seq_len}"
+    width = max(len(k) for k, _ in rows)
+    return "\n".join([title, *(f"  {k:<{width}}  {v}" for k, v in rows)])
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="plan")
+def main(raw: DictConfig) -> dict:
+    cfg: Config = OmegaConf.to_object(raw)
+    try:
+        preflight.resolve(cfg, measure_peak=False)
+        cfg.model.validate(cfg.parallel.tp)
+    except ConfigError as error:
+        log.error("error: %s", error)
+        sys.exit(2)
+    plan = estimate(cfg)
+    print(report(cfg, plan))
+    return plan
+
+
+if __name__ == "__main__":
+    main()

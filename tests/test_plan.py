@@ -1,0 +1,82 @@
+"""The planner's numbers: parameter counts, state bytes by hand, and activations against measured ones."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from megatron_exp import preflight
+from megatron_exp.models.gpt import GPTModel
+from megatron_exp.parallel import random
+from megatron_exp.plan import activation_bytes, estimate
+from tests.conftest import CONF_DIR, compose_config
+
+
+def _resolved(overrides):
+    cfg = compose_config(overrides)
+    preflight.resolve(cfg, measure_peak=False)
+    return cfg
+
+
+def test_gpt_8b_at_tp8_counts_and_state_memory_by_hand():
+    plan = estimate(_resolved(["model=gpt_8b", "parallel.tp=8", "data/tokenizer=gpt2", "hardware=v100"]))
+    h, l = 3072, 72
+    assert plan["parameters_total"] == 12 * l * h * h + 13 * l * h + (51200 + 1024) * h + 2 * h
+    # per rank: split matrices / 8, plus the replicated layernorms, row-parallel biases and positions
+    replicated = l * (4 * h + 2 * h) + 2 * h + 1024 * h
+    assert plan["parameters_per_rank"] == (plan["parameters_total"] - replicated) // 8 + replicated
+    assert plan["weights_gb"] + plan["gradients_gb"] + plan["optimizer_gb"] == pytest.approx(
+        plan["parameters_per_rank"] * 16 / 1e9
+    )
+    assert plan["fits"] is False  # 8-way TP alone does not fit a 32 GB V100 at micro batch 8 ...
+    recompute = estimate(
+        _resolved(
+            [
+                "model=gpt_8b",
+                "parallel.tp=8",
+                "data/tokenizer=gpt2",
+                "hardware=v100",
+                "parallel.activation_checkpointing=true",
+            ]
+        )
+    )
+    assert recompute["fits"] is True  # ... with activation checkpointing, as in the paper, it does
+
+
+def _measured_activation_bytes(cfg, recompute: bool) -> int:
+    """Bytes autograd keeps for backward over one forward (distinct storages, parameters excluded)."""
+    random.seed(0, 0)
+    model = GPTModel(cfg.model, activation_checkpointing=recompute)
+    tokens = torch.randint(0, cfg.model.vocab_size, (cfg.parallel.micro_batch, cfg.data.seq_len + 1))
+    kept = {}
+
+    def pack(t):
+        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model.loss(model(tokens[:, :-1]), tokens[:, 1:])
+    loss.backward()  # recomputation happens here; its tensors are freed layer by layer
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    return sum(n for ptr, n in kept.items() if ptr not in parameters)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize("recompute", [False, True])
+def test_activation_estimate_is_within_25_percent_of_the_measured(dropout, recompute):
+    cfg = _resolved(
+        ["model=gpt_mini", "data.seq_len=128", "parallel.micro_batch=4", f"model.hidden_dropout={dropout}",
+         f"model.attention_dropout={dropout}", "hardware=cpu"]
+    )  # fmt: skip
+    measured = _measured_activation_bytes(cfg, recompute)  # kept across the forward pass
+    assert activation_bytes(cfg, recompute, peak=False) == pytest.approx(measured, rel=0.25)
+
+
+def test_the_entry_point_prints_the_plan(tmp_path):
+    command = [sys.executable, "-m", "megatron_exp.plan", "model=gpt_8b", "parallel.tp=8", "hardware=h100"]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={"PYTHONPATH": str(CONF_DIR.parent), "PATH": "/usr/bin:/bin"})  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "parameters per rank" in done.stdout and "fits" in done.stdout
+    assert list(tmp_path.iterdir()) == []  # the planner writes nothing
