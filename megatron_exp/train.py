@@ -19,6 +19,7 @@ import hydra
 import torch.distributed as dist
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from megatron_exp import launch, preflight
@@ -96,10 +97,30 @@ def _save_config(cfg: Config) -> None:
     (run_dir / name).write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
 
 
+class JobFailed(Exception):
+    """This job cannot run or did not finish; `exit_code` 2 for the config or data, 1 for a worker."""
+
+    def __init__(self, exit_code: int, message: str):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _group_sweep_jobs(cfg: Config) -> None:
+    """In a multirun, every job joins one W&B group named after the sweep, tagged with its overrides."""
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return
+    sweep = Path(hydra_cfg.sweep.dir)
+    cfg.logger.group = cfg.logger.group or f"sweep-{sweep.parent.name}-{sweep.name}"
+    cfg.logger.tags = [*cfg.logger.tags, *hydra_cfg.overrides.task]
+
+
 def run(cfg: Config) -> dict:
+    """One training job: check, prepare the data, start (or join) the workers. Raises JobFailed."""
     joined = launch.started_by_torchrun()
     world_size = int(os.environ["WORLD_SIZE"]) if joined else None
     cfg.run_dir = HydraConfig.get().runtime.output_dir
+    _group_sweep_jobs(cfg)
     if joined:
         launch.init_joined_job(cfg.hardware, cfg.parallel)
         cfg.run_dir = launch.agree_on_run_dir(cfg.run_dir)
@@ -116,8 +137,7 @@ def run(cfg: Config) -> dict:
             dist.barrier()
         _prepare_data(cfg)
     except ConfigError as error:
-        log.error("error: %s", error)
-        sys.exit(2)
+        raise JobFailed(2, str(error)) from error
     if not joined or int(os.environ["RANK"]) == 0:
         _save_config(cfg)
     log.info("run directory: %s", cfg.run_dir)
@@ -126,17 +146,25 @@ def run(cfg: Config) -> dict:
         workers = cfg.parallel.tp * cfg.parallel.dp * cfg.parallel.pp
         result = trainer.worker(payload) if joined else launch.spawn(trainer.worker, payload, workers, cfg.run_dir)
     except launch.WorkerFailed as error:
-        log.error("error: %s", error)
-        sys.exit(1)
+        raise JobFailed(1, str(error)) from error
     if result:
         (Path(cfg.run_dir) / "results.json").write_text(json.dumps(result, indent=2))
     return result
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def main(raw: DictConfig) -> dict:
+def main(raw: DictConfig) -> dict | None:
     cfg: Config = OmegaConf.to_object(raw)
-    return run(cfg)
+    try:
+        return run(cfg)
+    except JobFailed as failure:
+        log.error("error: %s", failure)
+        if HydraConfig.get().mode != RunMode.MULTIRUN:
+            sys.exit(failure.exit_code)
+        # A sweep goes on past a failed job; the failure stays on record in its run directory.
+        record = {"failed": True, "exit_code": failure.exit_code, "error": str(failure)}
+        (Path(HydraConfig.get().runtime.output_dir) / "failed.json").write_text(json.dumps(record, indent=2))
+        return None
 
 
 if __name__ == "__main__":

@@ -143,3 +143,25 @@ def test_a_run_killed_after_a_checkpoint_resumes_to_the_same_losses(tmp_path, sh
     final = {r["iteration"]: r["train/loss"] for r in records(run_dir) if "train/loss" in r}  # last record wins
     assert sorted(final) == list(range(1, 31))
     assert final == expected  # bitwise: every iteration, including those re-run after the checkpoint
+
+
+def test_a_sweep_runs_every_job_in_one_group_and_records_a_failed_one(tmp_path, shared_cache):
+    quick = [o for o in TINY if not o.startswith("train.iterations")] + ["train.iterations=3", "logger.mode=offline"]
+    done = subprocess.run(
+        [sys.executable, "-m", "megatron_exp.train", "-m", *quick, "parallel.tp=1,2,3",  # heads=4: tp=3 is invalid
+         f"data.cache_dir={shared_cache}", f"hydra.sweep.dir={tmp_path}"],
+        cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    jobs = {p.name: p for p in tmp_path.iterdir() if p.is_dir() and p.name[0].isdigit()}
+    assert sorted(jobs) == ["0_gpt_tiny_tp1", "1_gpt_tiny_tp2", "2_gpt_tiny_tp3"]
+    failed = json.loads((jobs["2_gpt_tiny_tp3"] / "failed.json").read_text())
+    assert failed["exit_code"] == 2 and "model.heads=4 is not divisible by parallel.tp=3" in failed["error"]
+    groups = set()
+    for name in ("0_gpt_tiny_tp1", "1_gpt_tiny_tp2"):
+        assert (jobs[name] / "results.json").is_file()
+        assert list((jobs[name] / "wandb").glob("offline-run-*/run-*.wandb"))
+        config = (jobs[name] / "config.yaml").read_text()
+        groups |= {line.split(": ", 1)[1] for line in config.splitlines() if line.strip().startswith("group:")}
+        assert f"- parallel.tp={name[-1]}" in config  # the job's overrides are its W&B tags
+    assert len(groups) == 1 and groups.pop().startswith("sweep-")
