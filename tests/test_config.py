@@ -77,3 +77,12 @@ def test_an_unknown_preset_is_an_error_listing_the_known_ones():
 def test_a_wrongly_typed_value_is_an_error():
     with pytest.raises(ConfigCompositionException, match=r"parallel\.tp"):
         compose_config(["parallel.tp=two"])
+
+
+@pytest.mark.parametrize("option", _options("scaling"))
+def test_scaling_recipes_pair_a_model_with_a_tp_degree(option):
+    cfg = compose_config([f"+scaling={option}"])
+    tp = int(option.rsplit("tp", 1)[1])
+    assert cfg.parallel.tp == tp and cfg.model.heads % tp == 0
+    if option.startswith("weak_"):
+        assert cfg.model.name == f"gpt_{option.split('_')[1]}" and cfg.optimizer.name == "adam"

@@ -1,5 +1,6 @@
 """End to end: `python -m megatron_exp.train` as a user runs it, in a subprocess, on a tiny model."""
 
+import csv
 import json
 import os
 import signal
@@ -8,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import matplotlib.image
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,23 +147,39 @@ def test_a_run_killed_after_a_checkpoint_resumes_to_the_same_losses(tmp_path, sh
     assert final == expected  # bitwise: every iteration, including those re-run after the checkpoint
 
 
-def test_a_sweep_runs_every_job_in_one_group_and_records_a_failed_one(tmp_path, shared_cache):
-    quick = [o for o in TINY if not o.startswith("train.iterations")] + ["train.iterations=3", "logger.mode=offline"]
+def test_a_sweep_runs_every_job_in_one_group_and_the_analysis_lists_the_failed_ones(tmp_path, shared_cache):
+    quick = [o for o in TINY if not o.startswith(("train.iterations", "model="))]
+    quick += ["train.iterations=3", "logger.mode=offline", "checkpoint.save_final=false"]
     done = subprocess.run(
-        [sys.executable, "-m", "megatron_exp.train", "-m", *quick, "parallel.tp=1,2,3",  # heads=4: tp=3 is invalid
+        [sys.executable, "-m", "megatron_exp.train", "-m", *quick, "model=gpt_tiny,gpt_mini",
+         "parallel.tp=1,2,3",  # heads 4 and 8: tp=3 is invalid for both models
          f"data.cache_dir={shared_cache}", f"hydra.sweep.dir={tmp_path}"],
         cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
-    jobs = {p.name: p for p in tmp_path.iterdir() if p.is_dir() and p.name[0].isdigit()}
-    assert sorted(jobs) == ["0_gpt_tiny_tp1", "1_gpt_tiny_tp2", "2_gpt_tiny_tp3"]
-    failed = json.loads((jobs["2_gpt_tiny_tp3"] / "failed.json").read_text())
-    assert failed["exit_code"] == 2 and "model.heads=4 is not divisible by parallel.tp=3" in failed["error"]
+    jobs = {p.name: p for p in tmp_path.iterdir() if (p / ".hydra").is_dir()}
+    finished = [n for n in jobs if not n.endswith("tp3")]
+    assert len(jobs) == 6 and len(finished) == 4
+    for name in set(jobs) - set(finished):
+        failed = json.loads((jobs[name] / "failed.json").read_text())
+        assert failed["exit_code"] == 2 and "is not divisible by parallel.tp=3" in failed["error"]
     groups = set()
-    for name in ("0_gpt_tiny_tp1", "1_gpt_tiny_tp2"):
+    for name in finished:
         assert (jobs[name] / "results.json").is_file()
         assert list((jobs[name] / "wandb").glob("offline-run-*/run-*.wandb"))
         config = (jobs[name] / "config.yaml").read_text()
         groups |= {line.split(": ", 1)[1] for line in config.splitlines() if line.strip().startswith("group:")}
         assert f"- parallel.tp={name[-1]}" in config  # the job's overrides are its W&B tags
-    assert len(groups) == 1 and groups.pop().startswith("sweep-")
+    assert len(groups) == 1 and groups.pop().startswith("sweep-")  # 4 W&B runs in one group
+
+    analysis = subprocess.run([sys.executable, "-m", "megatron_exp.analyze", f"sweep={tmp_path}"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert analysis.returncode == 0, analysis.stdout + analysis.stderr
+    with open(tmp_path / "scaling.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 6 and sorted(r["status"] for r in rows) == ["done"] * 4 + ["failed"] * 2
+    assert {"tokens_per_s", "tflops_per_device", "mfu", "efficiency", "paper_efficiency"} <= set(rows[0])
+    assert all(float(r["efficiency"]) > 0 for r in rows if r["status"] == "done")
+    image = matplotlib.image.imread(tmp_path / "scaling.png")
+    assert image.shape[0] > 100 and image.shape[1] > 100 and image[..., :3].std() > 0  # drawn, not blank
+    assert (tmp_path / "scaling.md").read_text().count("\n") == 2 + 6

@@ -1,0 +1,143 @@
+"""`python -m megatron_exp.analyze sweep=<sweep dir>`: a sweep's scaling table and plot, from its run directories.
+
+Reads each job's config.yaml, metrics.jsonl, results.json or failed.json (no network) and writes, into the sweep
+directory, scaling.md and scaling.csv (one row per job: throughput, TFLOP/s per device, MFU, and efficiency
+against the TP=1 job of the sweep) and scaling.png. Throughput numbers are medians over the logged windows after
+the first (which includes start-up). Two readings of efficiency, as in the paper's Figure 5: weak scaling (the
+model grows with TP) compares TFLOP/s per device with the TP=1 baseline; strong scaling (one model) compares
+tokens/s, as a speedup. The paper's numbers are shown beside where it reports them.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import hydra
+import matplotlib
+import yaml
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt
+
+log = logging.getLogger("megatron_exp.analyze")
+
+# Shoeybi et al. 2019: weak-scaling efficiency of model parallelism (8-way TP, 8.3B: 77%) and the strong-scaling
+# speedups of the 1.2B model at batch 8 on 1/2/4/8 GPUs.
+PAPER_WEAK_EFFICIENCY = {1: 1.0, 8: 0.77}
+PAPER_STRONG_SPEEDUP = {1: 1.0, 2: 1.64, 4: 2.34, 8: 2.98}
+
+
+@dataclass
+class AnalyzeConfig:
+    sweep: str = "???"  # a multirun directory (outputs/multirun/<date>/<time>)
+    mode: str = "weak"  # weak: the model grows with TP (efficiency of TFLOP/s per device); strong: one model
+
+
+ConfigStore.instance().store(name="analyze_schema", node=AnalyzeConfig)
+
+
+def read_job(job: Path) -> dict:
+    # The resolved config of a job that started; Hydra's composed one for a job that failed before that.
+    source = job / "config.yaml" if (job / "config.yaml").is_file() else job / ".hydra" / "config.yaml"
+    config = yaml.safe_load(source.read_text())
+    row = {
+        "job": job.name,
+        "model": config.get("model", {}).get("name", "?"),
+        "tp": config.get("parallel", {}).get("tp"),
+        "dp": config.get("parallel", {}).get("dp"),
+    }
+    if (job / "failed.json").is_file() or not (job / "metrics.jsonl").is_file():
+        failure = json.loads((job / "failed.json").read_text()) if (job / "failed.json").is_file() else {}
+        return {**row, "status": "failed", "error": failure.get("error", "no metrics")}
+    lines = (job / "metrics.jsonl").read_text().splitlines()
+    train = [r for r in map(json.loads, lines) if "train/loss" in r]
+    steady = train[1:] or train
+
+    def median(key):
+        values = [r[key] for r in steady if key in r]
+        return statistics.median(values) if values else None
+
+    results = json.loads((job / "results.json").read_text()) if (job / "results.json").is_file() else {}
+    return {**row, "status": "done", "tokens_per_s": median("perf/tokens_per_s"),
+            "tflops_per_device": median("perf/tflops_per_device"), "mfu": median("perf/mfu"),
+            "final_valid_loss": results.get("valid/loss")}  # fmt: skip
+
+
+def analyze(sweep: Path, mode: str) -> list[dict]:
+    jobs = sorted(p for p in sweep.iterdir() if (p / ".hydra").is_dir())  # Hydra marks every job's directory
+    rows = [read_job(job) for job in jobs]
+    done = [r for r in rows if r["status"] == "done"]
+    base = next((r for r in done if r["tp"] == 1), None)
+    for row in done:
+        if base is None:
+            continue
+        if mode == "weak":
+            row["efficiency"] = row["tflops_per_device"] / base["tflops_per_device"]
+            row["paper_efficiency"] = PAPER_WEAK_EFFICIENCY.get(row["tp"])
+        else:
+            row["speedup"] = row["tokens_per_s"] / base["tokens_per_s"]
+            row["paper_speedup"] = PAPER_STRONG_SPEEDUP.get(row["tp"])
+    return rows
+
+
+COLUMNS = ["job", "model", "tp", "dp", "status", "tokens_per_s", "tflops_per_device", "mfu", "efficiency",
+           "paper_efficiency", "speedup", "paper_speedup", "final_valid_loss", "error"]  # fmt: skip
+
+
+def _cell(value) -> str:
+    if value is None:
+        return ""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def write_outputs(rows: list[dict], sweep: Path, mode: str) -> list[Path]:
+    columns = [c for c in COLUMNS if any(r.get(c) is not None for r in rows)]
+    with open(sweep / "scaling.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    table = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    table += ["| " + " | ".join(_cell(r.get(c)) for c in columns) + " |" for r in rows]
+    (sweep / "scaling.md").write_text("\n".join(table) + "\n")
+
+    done = sorted((r for r in rows if r["status"] == "done"), key=lambda r: r["tp"])
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    labels = [f"{r['model']}\ntp={r['tp']}" for r in done]
+    left.bar(labels, [r["tflops_per_device"] for r in done])
+    left.set_ylabel("TFLOP/s per device")
+    left.set_title("throughput per device")
+    key, paper = ("efficiency", PAPER_WEAK_EFFICIENCY) if mode == "weak" else ("speedup", PAPER_STRONG_SPEEDUP)
+    right.plot([r["tp"] for r in done], [r.get(key) for r in done], "o-", label="this sweep")
+    right.plot(list(paper), list(paper.values()), "s--", label="paper (Shoeybi et al. 2019)")
+    right.set_xlabel("TP degree")
+    right.set_ylabel(f"{mode} scaling {key}")
+    right.set_title(f"{mode} scaling against TP=1")
+    right.legend()
+    figure.tight_layout()
+    figure.savefig(sweep / "scaling.png", dpi=100)
+    plt.close(figure)
+    return [sweep / "scaling.md", sweep / "scaling.csv", sweep / "scaling.png"]
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="analyze")
+def main(raw: DictConfig) -> None:
+    sweep = Path(raw.sweep)
+    if not sweep.is_dir():
+        log.error("error: sweep=%s is not a directory: give a multirun directory", sweep)
+        sys.exit(2)
+    rows = analyze(sweep, raw.mode)
+    outputs = write_outputs(rows, sweep, raw.mode)
+    print((sweep / "scaling.md").read_text())
+    log.info("wrote %s", ", ".join(map(str, outputs)))
+
+
+if __name__ == "__main__":
+    main()
