@@ -1,6 +1,7 @@
 """`python -m megatron_exp.analyze sweep=<sweep dir>`: a sweep's scaling table and plot, from its run directories.
 
-Reads each job's config.yaml, metrics.jsonl, results.json or failed.json (no network) and writes, into the sweep
+Reads each job's config.yaml, metrics.jsonl, results.json or failed.json (no network; a job is any directory
+under the sweep that Hydra marked with .hydra/) and writes, into the sweep
 directory, scaling.md and scaling.csv (one row per job: throughput, TFLOP/s per device, MFU, and efficiency
 against the TP=1 job of the sweep) and scaling.png. Throughput numbers are medians over the logged windows after
 the first (which includes start-up). Two readings of efficiency, as in the paper's Figure 5: weak scaling (the
@@ -24,6 +25,8 @@ import yaml
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
+from megatron_exp.training.metrics import publish
+
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 
@@ -39,6 +42,8 @@ PAPER_STRONG_SPEEDUP = {1: 1.0, 2: 1.64, 4: 2.34, 8: 2.98}
 class AnalyzeConfig:
     sweep: str = "???"  # a multirun directory (outputs/multirun/<date>/<time>)
     mode: str = "weak"  # weak: the model grows with TP (efficiency of TFLOP/s per device); strong: one model
+    wandb_mode: str = "offline"  # the table and plot as a W&B run (job_type=analysis) in the sweep's group
+    project: str = "megatron-exp"
 
 
 ConfigStore.instance().store(name="analyze_schema", node=AnalyzeConfig)
@@ -72,8 +77,9 @@ def read_job(job: Path) -> dict:
 
 
 def analyze(sweep: Path, mode: str) -> list[dict]:
-    jobs = sorted(p for p in sweep.iterdir() if (p / ".hydra").is_dir())  # Hydra marks every job's directory
-    rows = [read_job(job) for job in jobs]
+    # Hydra marks every job's directory; jobs may sit in subdirectories (one sweep per model size, say).
+    jobs = sorted(marker.parent for marker in sweep.rglob(".hydra") if marker.is_dir())
+    rows = [{**read_job(job), "job": str(job.relative_to(sweep))} for job in jobs]
     done = [r for r in rows if r["status"] == "done"]
     base = next((r for r in done if r["tp"] == 1), None)
     for row in done:
@@ -127,6 +133,29 @@ def write_outputs(rows: list[dict], sweep: Path, mode: str) -> list[Path]:
     return [sweep / "scaling.md", sweep / "scaling.csv", sweep / "scaling.png"]
 
 
+def publish_to_wandb(cfg: AnalyzeConfig, rows: list[dict], sweep: Path) -> None:
+    """The table and the plot as one W&B run in the sweep's group (a failure is a warning, the files remain)."""
+    if cfg.wandb_mode == "disabled":
+        return
+    try:
+        import wandb
+
+        columns = [c for c in COLUMNS if any(r.get(c) is not None for r in rows)]
+        values = {
+            "scaling": wandb.Table(columns=columns, data=[[_cell(r.get(c)) for c in columns] for r in rows]),
+            "scaling_plot": wandb.Image(str(sweep / "scaling.png")),
+        }
+    except Exception as error:
+        log.warning("W&B is not available (%s); the table and plot are in %s", error, sweep)
+        return
+    group = next((yaml.safe_load((sweep / r["job"] / "config.yaml").read_text())["logger"]["group"]
+                  for r in rows if r["status"] == "done"), None)  # fmt: skip
+    settings = {"console": "off", "quiet": True, "x_disable_stats": True, "disable_git": True}
+    kwargs = {"project": cfg.project, "group": group, "job_type": "analysis", "name": f"analysis-{sweep.name}",
+              "dir": str(sweep), "mode": cfg.wandb_mode, "settings": settings}  # fmt: skip
+    publish(kwargs, values)
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="analyze")
 def main(raw: DictConfig) -> None:
     sweep = Path(raw.sweep)
@@ -135,6 +164,7 @@ def main(raw: DictConfig) -> None:
         sys.exit(2)
     rows = analyze(sweep, raw.mode)
     outputs = write_outputs(rows, sweep, raw.mode)
+    publish_to_wandb(raw, rows, sweep)
     print((sweep / "scaling.md").read_text())
     log.info("wrote %s", ", ".join(map(str, outputs)))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import socket
 import sys
@@ -32,6 +33,37 @@ log = logging.getLogger(__name__)
 
 def started_by_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ and "LOCAL_RANK" in os.environ
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: "gpu[003-005,9],cpu1" -> "gpu003", "node7,node8" -> "node7"."""
+    prefix, ranges = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist).groups()
+    return prefix if ranges is None else prefix + re.split(r"[,-]", ranges)[0]
+
+
+def slurm_environment(env: dict[str, str]) -> dict[str, str]:
+    """torch.distributed's variables for a rank started as one SLURM task (srun, or the submitit launcher)."""
+    world = int(env["SLURM_NTASKS"])
+    nodes = int(env.get("SLURM_JOB_NUM_NODES", env.get("SLURM_NNODES", "1")))
+    return {
+        "RANK": env["SLURM_PROCID"],
+        "LOCAL_RANK": env["SLURM_LOCALID"],
+        "WORLD_SIZE": str(world),
+        "LOCAL_WORLD_SIZE": str(world // nodes),
+        "MASTER_ADDR": first_host(env["SLURM_JOB_NODELIST"]),
+        "MASTER_PORT": env.get("MASTER_PORT", str(20000 + int(env["SLURM_JOB_ID"]) % 20000)),
+    }
+
+
+def joins_existing_job() -> bool:
+    """True when this process is one rank of a job started by torchrun or SLURM (with several tasks), which it
+    joins instead of spawning workers; SLURM's variables are translated into torch.distributed's here."""
+    if started_by_torchrun():
+        return True
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in os.environ:
+        os.environ.update(slurm_environment(dict(os.environ)))
+        return True
+    return False
 
 
 def _setup_worker_logging(rank: int) -> None:

@@ -117,7 +117,7 @@ def _group_sweep_jobs(cfg: Config) -> None:
 
 def run(cfg: Config) -> dict:
     """One training job: check, prepare the data, start (or join) the workers. Raises JobFailed."""
-    joined = launch.started_by_torchrun()
+    joined = launch.joins_existing_job()
     world_size = int(os.environ["WORLD_SIZE"]) if joined else None
     cfg.run_dir = HydraConfig.get().runtime.output_dir
     _group_sweep_jobs(cfg)

@@ -6,6 +6,8 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.test_train import TINY, _start, _wait_for, records
 
 
@@ -52,3 +54,43 @@ def test_killing_one_worker_ends_every_process_and_names_the_rank(tmp_path, shar
     assert "error: worker rank 2 failed" in output and "SIGKILL" in output
     time.sleep(1)
     assert not [pid for pid in everything if _alive(pid)], "orphan processes remain"
+
+
+def test_ranks_started_by_slurm_get_torch_distributed_variables():
+    from megatron_exp.launch import first_host, slurm_environment
+
+    assert first_host("gpu[003-005,9],cpu1") == "gpu003"
+    assert first_host("node7,node8") == "node7" and first_host("single") == "single"
+    env = {"SLURM_PROCID": "13", "SLURM_LOCALID": "5", "SLURM_NTASKS": "16", "SLURM_JOB_NUM_NODES": "2",
+           "SLURM_JOB_NODELIST": "dgx[12-13]", "SLURM_JOB_ID": "4242"}  # fmt: skip
+    assert slurm_environment(env) == {
+        "RANK": "13", "LOCAL_RANK": "5", "WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8",
+        "MASTER_ADDR": "dgx12", "MASTER_PORT": str(20000 + 4242),
+    }  # fmt: skip
+
+
+def test_a_multi_task_slurm_job_is_joined_and_a_single_task_spawns(monkeypatch):
+    from megatron_exp import launch
+
+    # A private environment for the test: joining writes torch.distributed's variables into it.
+    monkeypatch.setattr(launch.os, "environ", {"SLURM_NTASKS": "1", "SLURM_PROCID": "0"})
+    assert launch.joins_existing_job() is False  # e.g. an interactive srun of one task: spawn workers here
+    env = {"SLURM_NTASKS": "4", "SLURM_PROCID": "2", "SLURM_LOCALID": "2", "SLURM_JOB_NUM_NODES": "1",
+           "SLURM_JOB_NODELIST": "n1", "SLURM_JOB_ID": "7"}  # fmt: skip
+    monkeypatch.setattr(launch.os, "environ", env)
+    assert launch.joins_existing_job() is True
+    assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], env["MASTER_ADDR"]) == ("2", "4", "2", "n1")
+
+
+def test_the_slurm_launcher_config_composes():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="the slurm extra is not installed")
+    from hydra import compose, initialize_config_dir
+
+    from tests.conftest import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["hydra/launcher=slurm", "hydra.launcher.nodes=8"],
+                      return_hydra_config=True)  # fmt: skip
+    launcher = cfg.hydra.launcher
+    assert "SlurmLauncher" in launcher._target_
+    assert (launcher.nodes, launcher.gpus_per_node, launcher.tasks_per_node, launcher.timeout_min) == (8, 8, 8, 240)

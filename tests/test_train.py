@@ -183,3 +183,4 @@ def test_a_sweep_runs_every_job_in_one_group_and_the_analysis_lists_the_failed_o
     image = matplotlib.image.imread(tmp_path / "scaling.png")
     assert image.shape[0] > 100 and image.shape[1] > 100 and image[..., :3].std() > 0  # drawn, not blank
     assert (tmp_path / "scaling.md").read_text().count("\n") == 2 + 6
+    assert list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))  # the same figures as a W&B summary

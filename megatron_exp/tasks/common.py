@@ -85,7 +85,7 @@ def prepare(cfg: EvalConfig) -> tuple[Path, ModelConfig, Tokenizer]:
 def run(cfg: EvalConfig, directory: Path, inputs: dict, worker: Callable[[dict], dict]) -> dict:
     """Start the TP workers on `inputs`, then report rank 0's results."""
     payload = {"config": asdict(cfg), "checkpoint": str(directory), "inputs": inputs}
-    if launch.started_by_torchrun():
+    if launch.joins_existing_job():
         results = worker(payload)
     else:
         results = launch.spawn(worker, payload, cfg.parallel.tp, cfg.run_dir)
