@@ -35,6 +35,7 @@ from megatron_exp.config import ModelConfig, OptimizerConfig  # noqa: E402
 from megatron_exp.hardware import measure_cpu_matmul_tflops  # noqa: E402
 from megatron_exp.models.gpt import GPTModel  # noqa: E402
 from megatron_exp.parallel import random, state  # noqa: E402
+from megatron_exp.plan import measure_activation_bytes  # noqa: E402
 from megatron_exp.training.flops import model_flops  # noqa: E402
 from megatron_exp.training.optim import build_optimizer, clip_gradients_  # noqa: E402
 
@@ -154,21 +155,6 @@ def compare_with_plain(shape: dict) -> dict:
             "speed_ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios)}  # fmt: skip
 
 
-def _saved_activation_bytes(model, tokens) -> int:
-    """Bytes autograd keeps for backward during one forward (distinct storages), i.e. activation memory."""
-    storages = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model.loss(model(tokens[:, :-1]), tokens[:, 1:])
-    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    loss.backward()
-    return sum(n for ptr, n in storages.items() if ptr not in parameters)
-
-
 def activation_checkpointing(shape: dict) -> dict:
     cfg, tokens = _model_config(shape), _batch(shape)
     random.seed(0, 0)
@@ -180,7 +166,7 @@ def activation_checkpointing(shape: dict) -> dict:
                                     shape["steps"])  # fmt: skip
         rows["with" if recompute else "without"] = {
             "s": seconds,
-            "activation_mb": _saved_activation_bytes(model, tokens) / 1e6,
+            "activation_mb": measure_activation_bytes(model, tokens) / 1e6,
         }
     return rows
 

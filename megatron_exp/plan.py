@@ -21,6 +21,7 @@ import logging
 import sys
 
 import hydra
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from megatron_exp import preflight
@@ -62,6 +63,22 @@ def activation_bytes(cfg: Config, recompute: bool, peak: bool = True) -> float:
     if not recompute:
         return cfg.model.layers * layer_activation_bytes(cfg) + outside
     return cfg.model.layers * b * s * h * element + outside + (layer_activation_bytes(cfg) if peak else 0)
+
+
+def measure_activation_bytes(model, tokens: torch.Tensor) -> int:
+    """What autograd actually keeps for backward over one forward pass of `model` on `tokens` (distinct
+    storages, parameters excluded): the measurement the estimate above is checked against."""
+    kept = {}
+
+    def pack(t):
+        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model.loss(model(tokens[:, :-1]), tokens[:, 1:])
+    loss.backward()  # with checkpointing, recomputation happens here; its tensors are freed layer by layer
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    return sum(n for ptr, n in kept.items() if ptr not in parameters)
 
 
 def estimate(cfg: Config) -> dict:

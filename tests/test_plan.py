@@ -9,7 +9,7 @@ import torch
 from megatron_exp import preflight
 from megatron_exp.models.gpt import GPTModel
 from megatron_exp.parallel import random
-from megatron_exp.plan import activation_bytes, estimate
+from megatron_exp.plan import activation_bytes, estimate, measure_activation_bytes
 from tests.conftest import CONF_DIR, compose_config
 
 
@@ -45,21 +45,10 @@ def test_gpt_8b_at_tp8_counts_and_state_memory_by_hand():
 
 
 def _measured_activation_bytes(cfg, recompute: bool) -> int:
-    """Bytes autograd keeps for backward over one forward (distinct storages, parameters excluded)."""
     random.seed(0, 0)
     model = GPTModel(cfg.model, activation_checkpointing=recompute)
     tokens = torch.randint(0, cfg.model.vocab_size, (cfg.parallel.micro_batch, cfg.data.seq_len + 1))
-    kept = {}
-
-    def pack(t):
-        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model.loss(model(tokens[:, :-1]), tokens[:, 1:])
-    loss.backward()  # recomputation happens here; its tensors are freed layer by layer
-    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    return sum(n for ptr, n in kept.items() if ptr not in parameters)
+    return measure_activation_bytes(model, tokens)
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
