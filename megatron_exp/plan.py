@@ -24,10 +24,10 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+import megatron_exp.train  # noqa: F401 - registers the config schema with Hydra
 from megatron_exp import preflight
 from megatron_exp.config import Config, ConfigError
 from megatron_exp.parallel.sharding import padded_vocab_size
-from megatron_exp.train import ConfigStore  # noqa: F401 - registers the schema
 from megatron_exp.training.flops import hardware_flops, model_flops
 
 log = logging.getLogger("megatron_exp.plan")

@@ -131,11 +131,13 @@ def run(cfg: Config) -> dict:
             _resolve_resume(cfg)
         elif cfg.checkpoint.init_from:
             _resolve_init_from(cfg)
-        if joined:  # each node's local rank 0 builds the data cache; the others then find it
-            if int(os.environ["LOCAL_RANK"]) == 0:
-                _prepare_data(cfg)
+        first_on_node = not joined or int(os.environ["LOCAL_RANK"]) == 0
+        if first_on_node:  # each node's local rank 0 builds the data cache; the others then find it
+            _prepare_data(cfg)
+        if joined:
             dist.barrier()
-        _prepare_data(cfg)
+        if not first_on_node:
+            _prepare_data(cfg)
     except ConfigError as error:
         raise JobFailed(2, str(error)) from error
     if not joined or int(os.environ["RANK"]) == 0:
