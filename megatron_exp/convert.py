@@ -16,8 +16,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from megatron_exp.config import ConfigError, ConvertConfig, ModelConfig
-from megatron_exp.models import hf_gpt2
-from megatron_exp.models.gpt import GPTModel
+from megatron_exp.models import build_model, hf_gpt2
 from megatron_exp.parallel.sharding import shard_specs, split_state_dict
 from megatron_exp.training import checkpoint
 
@@ -52,6 +51,8 @@ def convert(cfg: ConvertConfig) -> Path:
     serial, model_cfg = _load_source(cfg.source)
     output = Path(cfg.output)
     if cfg.to == "hf":
+        if model_cfg.arch != "gpt":
+            raise ConfigError(f"to=hf converts GPT-2 models; {cfg.source} holds a {model_cfg.arch} model")
         transformers = _transformers()
         model = transformers.GPT2LMHeadModel(hf_gpt2.hf_config(model_cfg))
         model.load_state_dict(hf_gpt2.to_hf(serial, model_cfg))
@@ -69,9 +70,9 @@ def convert(cfg: ConvertConfig) -> Path:
     return directory
 
 
-def _meta_model(cfg: ModelConfig) -> GPTModel:
+def _meta_model(cfg: ModelConfig) -> torch.nn.Module:
     with torch.device("meta"):
-        return GPTModel(cfg)
+        return build_model(cfg)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="convert")

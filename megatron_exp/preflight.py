@@ -13,7 +13,7 @@ import torch
 
 from megatron_exp import hardware
 from megatron_exp.config import Config, ConfigError
-from megatron_exp.models.gpt import GPTModel
+from megatron_exp.models import build_model
 from megatron_exp.parallel import state
 from megatron_exp.parallel.sharding import ShardSpec
 
@@ -45,7 +45,7 @@ def resolve(cfg: Config, world_size: int | None = None, measure_peak: bool = Tru
 def parameter_counts(cfg: Config) -> tuple[int, int]:
     """(parameters on the largest rank, parameters of the whole model), counted on the meta device."""
     with torch.device("meta"), state.use(state.virtual(cfg.parallel.tp)):
-        shard = GPTModel(cfg.model)
+        shard = build_model(cfg.model)
     per_rank = sum(p.numel() for p in shard.parameters())
     total = sum(p.numel() * (cfg.parallel.tp if ShardSpec.of(p).dim is not None else 1) for p in shard.parameters())
     return per_rank, total
@@ -65,6 +65,11 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     if par.pp != 1:
         raise ConfigError(f"parallel.pp={par.pp}: pipeline parallelism is not implemented yet; use parallel.pp=1")
     cfg.model.validate(par.tp)
+    if cfg.model.arch == "bert" and cfg.data.tokenizer.kind != "wordpiece":
+        raise ConfigError(
+            f"model.arch=bert reads WordPiece tokens but data.tokenizer.kind={cfg.data.tokenizer.kind}: set "
+            "data/tokenizer=wordpiece_8k (trained on the corpus) or bert_uncased"
+        )
 
     per_replica = par.micro_batch * par.dp
     if par.global_batch % per_replica:

@@ -35,7 +35,7 @@ ConfigStore.instance().store(name="schema", node=Config)
 def _prepare_data(cfg: Config) -> None:
     """Build (or find) the token cache, check the model's vocabulary holds the tokenizer's, and keep the
     tokenizer with the run (the evaluation tasks read text with it)."""
-    path = token_store.prepare(cfg.data)
+    path = token_store.prepare(cfg.data, by_sentence=cfg.model.arch == "bert")
     shutil.copyfile(path / "tokenizer.json", Path(cfg.run_dir) / "tokenizer.json")
     tokenizer_vocab = token_store.read_meta(path)["vocab_size"]
     if tokenizer_vocab > cfg.model.vocab_size:

@@ -17,33 +17,49 @@ import torch
 from megatron_exp.config import ConfigError
 
 
+class SampleOrder:
+    """The endless sequence of sample indices: epoch after epoch, each a permutation drawn from (seed, epoch)."""
+
+    def __init__(self, num_samples: int, seed: int, shuffle: bool = True):
+        self.num_samples, self.seed, self.shuffle = num_samples, seed, shuffle
+
+    @lru_cache(maxsize=2)  # noqa: B019 - one order per split lives for the whole run
+    def _permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
+
+    def sample_index(self, position: int) -> int:
+        """Which sample sits at `position`."""
+        epoch, offset = divmod(position, self.num_samples)
+        return int(self._permutation(epoch)[offset]) if self.shuffle else offset
+
+
 class GPTSamples:
     def __init__(self, tokens: np.ndarray, seq_len: int, seed: int, shuffle: bool = True, split: str = "train"):
-        self.tokens, self.seq_len, self.seed, self.shuffle = tokens, seq_len, seed, shuffle
-        self.num_samples = (len(tokens) - 1) // seq_len
-        if self.num_samples < 1:
+        self.tokens, self.seq_len = tokens, seq_len
+        num_samples = (len(tokens) - 1) // seq_len
+        if num_samples < 1:
             raise ConfigError(
                 f"the {split} split has {len(tokens)} tokens, fewer than one sample of data.seq_len={seq_len} + 1: "
                 "use a shorter data.seq_len or more data"
             )
+        self.order = SampleOrder(num_samples, seed, shuffle)
 
     def __len__(self) -> int:
-        return self.num_samples
-
-    @lru_cache(maxsize=2)  # noqa: B019 - one dataset per split lives for the whole run
-    def _order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
+        return self.order.num_samples
 
     def sample_index(self, position: int) -> int:
-        """Which sample sits at `position` of the (endless, epoch after epoch) sample sequence."""
-        epoch, offset = divmod(position, self.num_samples)
-        return int(self._order(epoch)[offset]) if self.shuffle else offset
+        return self.order.sample_index(position)
 
     def batch(self, positions: range) -> torch.Tensor:
         """Samples at `positions` as int64 [len(positions), seq_len + 1]."""
         starts = [self.sample_index(p) * self.seq_len for p in positions]
         rows = [np.asarray(self.tokens[s : s + self.seq_len + 1], dtype=np.int64) for s in starts]
         return torch.from_numpy(np.stack(rows))
+
+    def micro_batch(self, positions: range) -> tuple[dict, dict]:
+        """(the model's inputs, the loss's targets) for the samples at `positions`."""
+        tokens = self.batch(positions)
+        return {"tokens": tokens[:, :-1]}, {"targets": tokens[:, 1:]}
 
 
 def micro_batch_positions(

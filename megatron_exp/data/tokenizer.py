@@ -1,7 +1,9 @@
-"""Byte-level BPE tokenizers (the `tokenizers` library): GPT-2's own, or one trained on the corpus.
+"""Tokenizers (the `tokenizers` library): for GPT, byte-level BPE (GPT-2's own, or one trained on the corpus);
+for BERT, WordPiece (from a vocab.txt such as BERT's uncased one, or trained on the corpus).
 
-Both are lossless on any text (bytes map to tokens), and both use GPT-2's <|endoftext|> as the end-of-document
-token that separates documents in the token stream.
+The byte-level BPEs are lossless on any text and use GPT-2's <|endoftext|> as the end-of-document token that
+separates documents in the token stream. WordPiece carries BERT's special tokens; pieces that continue a word
+start with "##" (whole-word masking relies on it).
 """
 
 from __future__ import annotations
@@ -10,11 +12,14 @@ from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from megatron_exp.config import ConfigError, TokenizerConfig
 
 EOD = "<|endoftext|>"
+PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
+BERT_SPECIAL_TOKENS = (PAD, UNK, CLS, SEP, MASK)
+CONTINUATION = "##"
 
 
 def _byte_level(tokenizer: Tokenizer) -> Tokenizer:
@@ -59,13 +64,45 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     return tokenizer
 
 
+def _bert_text_handling(tokenizer: Tokenizer, lowercase: bool) -> Tokenizer:
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.decoder = decoders.WordPiece(prefix=CONTINUATION)
+    return tokenizer
+
+
+def wordpiece(cfg: TokenizerConfig, training_texts: Iterable[str]) -> Tokenizer:
+    """WordPiece from `cfg.vocab_file` (one token per line, BERT's format), or trained on `training_texts`."""
+    if cfg.vocab_file:
+        path = Path(cfg.vocab_file).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"data.tokenizer.vocab_file={path} is not a file: give a WordPiece vocab.txt or null")
+        model = models.WordPiece.from_file(str(path), unk_token=UNK, continuing_subword_prefix=CONTINUATION)
+        tokenizer = _bert_text_handling(Tokenizer(model), cfg.lowercase)
+        missing = [t for t in BERT_SPECIAL_TOKENS if tokenizer.token_to_id(t) is None]
+        if missing:
+            raise ConfigError(f"data.tokenizer.vocab_file={path} lacks BERT's special tokens {missing}")
+        return tokenizer
+    tokenizer = _bert_text_handling(Tokenizer(models.WordPiece(unk_token=UNK)), cfg.lowercase)
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=cfg.vocab_size,
+        special_tokens=list(BERT_SPECIAL_TOKENS),
+        continuing_subword_prefix=CONTINUATION,
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(training_texts, trainer)
+    return tokenizer
+
+
 def build(cfg: TokenizerConfig, training_texts: Iterable[str]) -> Tokenizer:
     if cfg.kind == "gpt2":
         tokenizer = gpt2(cfg)
     elif cfg.kind == "bpe":
         tokenizer = train_bpe(training_texts, cfg.vocab_size)
+    elif cfg.kind == "wordpiece":
+        tokenizer = wordpiece(cfg, training_texts)
     else:
-        raise ConfigError(f"data.tokenizer.kind={cfg.kind} is unknown: use gpt2 or bpe")
+        raise ConfigError(f"data.tokenizer.kind={cfg.kind} is unknown: use gpt2, bpe or wordpiece")
     if tokenizer.get_vocab_size() > cfg.vocab_size:
         raise ConfigError(
             f"data.tokenizer.vocab_size={cfg.vocab_size} is smaller than the tokenizer's "

@@ -72,6 +72,11 @@ def prepare(cfg: EvalConfig) -> tuple[Path, ModelConfig, Tokenizer]:
     """Resolve the checkpoint, the model it holds (dropout off) and its tokenizer; check the TP degree."""
     directory = checkpoint.require(cfg.checkpoint, "checkpoint")
     model = checkpoint.model_config_of(directory)
+    if model.arch != "gpt":
+        raise ConfigError(
+            f"checkpoint={cfg.checkpoint} holds a {model.arch} model: zero-shot language modelling needs a GPT "
+            "(BERT checkpoints are fine-tuned with python -m megatron_exp.tasks.race)"
+        )
     model.validate(cfg.parallel.tp)
     cfg.parallel.dp = 1
     if cfg.task.seq_len is None:

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_exp.config import ConfigError, ModelConfig
-from megatron_exp.models.gpt import GPTModel
+from megatron_exp.models import build_model
 from megatron_exp.parallel.sharding import merge_state_dicts, shard_specs
 
 log = logging.getLogger(__name__)
@@ -198,7 +198,7 @@ def load_serial_model_state(directory: Path) -> dict:
     """The whole model as a serial (TP=1) state dict, merged from the shards of DP replica 0."""
     tp = read_meta(directory)["tp"]
     with torch.device("meta"):
-        specs = shard_specs(GPTModel(model_config_of(directory)))
+        specs = shard_specs(build_model(model_config_of(directory)))
     return merge_state_dicts([load_rank(directory, rank)["model"] for rank in range(tp)], specs)
 
 
@@ -208,5 +208,5 @@ def load_model_state(directory: Path, tp_size: int, tp_rank: int) -> dict:
         return load_rank(directory, tp_rank)["model"]  # global rank tp_rank is (dp 0, tp tp_rank)
     serial = load_serial_model_state(directory)
     with torch.device("meta"):
-        specs = shard_specs(GPTModel(model_config_of(directory)))
+        specs = shard_specs(build_model(model_config_of(directory)))
     return {name: specs[name].shard(t, tp_size, tp_rank, name) for name, t in serial.items()}

@@ -22,13 +22,13 @@ def console_line(record: dict, total_iterations: int) -> str:
     for split in ("valid", "test"):
         if f"{split}/loss" in record:
             parts.append(f"{split} loss {record[f'{split}/loss']:.4f} | {split} ppl {record[f'{split}/ppl']:.2f}")
+        if f"{split}/sop_accuracy" in record:
+            parts.append(f"{split} SOP acc {100 * record[f'{split}/sop_accuracy']:.1f}%")
     if "train/loss" in record:
-        parts += [
-            f"loss {record['train/loss']:.4f}",
-            f"ppl {record['train/ppl']:.2f}",
-            f"lr {record['train/lr']:.2e}",
-            f"grad {record['train/grad_norm']:.3f}",
-        ]
+        parts.append(f"loss {record['train/loss']:.4f}")
+        if "train/ppl" in record:
+            parts.append(f"ppl {record['train/ppl']:.2f}")
+        parts += [f"lr {record['train/lr']:.2e}", f"grad {record['train/grad_norm']:.3f}"]
         if "train/loss_scale" in record:
             parts.append(f"scale {record['train/loss_scale']:.0f}")
         parts += [

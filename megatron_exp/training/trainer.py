@@ -17,8 +17,9 @@ from torch.nn.parallel import DistributedDataParallel
 from megatron_exp import launch
 from megatron_exp.config import Config, HardwareConfig, typed
 from megatron_exp.data import token_store
+from megatron_exp.data.bert_dataset import BERTSamples, Vocabulary
 from megatron_exp.data.gpt_dataset import GPTSamples, micro_batch_positions
-from megatron_exp.models.gpt import GPTModel
+from megatron_exp.models import build_model
 from megatron_exp.parallel import random, state
 from megatron_exp.parallel.mappings import all_reduce_
 from megatron_exp.parallel.state import ProcessGrid
@@ -47,6 +48,24 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kilobytes on Linux
 
 
+def load_samples(cfg: Config) -> dict[str, GPTSamples | BERTSamples]:
+    """Train (shuffled), valid and test samples for the model's architecture, from the prepared token cache."""
+    by_sentence = cfg.model.arch == "bert"
+    cache = token_store.cache_path(cfg.data, by_sentence)
+    seed, seq_len = cfg.train.seed, cfg.data.seq_len
+    if not by_sentence:
+        return {
+            split: GPTSamples(token_store.load_tokens(cache, split), seq_len, seed, split == "train", split)
+            for split in ("train", "valid", "test")
+        }
+    vocab = Vocabulary.of(token_store.load_tokenizer(cache))
+    samples = {}
+    for split in ("train", "valid", "test"):
+        tokens, sentences = token_store.load_tokens(cache, split), token_store.load_sentences(cache, split)
+        samples[split] = BERTSamples(tokens, *sentences, vocab, seq_len, seed, split == "train", split)
+    return samples
+
+
 class Trainer:
     def __init__(self, cfg: Config, grid: ProcessGrid, wandb_config: dict | None = None):
         self.cfg, self.grid = cfg, grid
@@ -57,7 +76,8 @@ class Trainer:
         random.seed(cfg.train.seed, grid.tp.rank, self.device)
 
         with torch.device(self.device):
-            self.model = GPTModel(cfg.model, activation_checkpointing=par.activation_checkpointing, seed=cfg.train.seed)
+            recompute, seed = par.activation_checkpointing, cfg.train.seed
+            self.model = build_model(cfg.model, activation_checkpointing=recompute, seed=seed)
         self.forward_model = self.model
         if grid.dp.size > 1:  # bucketed gradient all-reduce over the DP group, overlapped with backward
             device_ids = [self.device.index] if self.device.type == "cuda" else None
@@ -68,12 +88,7 @@ class Trainer:
         dtype = AUTOCAST_DTYPES.get(cfg.hardware.precision)
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=dtype)) if dtype else nullcontext
 
-        cache = token_store.cache_path(cfg.data)
-        seed = cfg.train.seed
-        self.splits = {
-            split: GPTSamples(token_store.load_tokens(cache, split), self.seq_len, seed, split == "train", split)
-            for split in ("train", "valid", "test")
-        }
+        self.splits = load_samples(cfg)
 
         m = cfg.model
         vocab = self.model.embedding.padded_vocab_size
@@ -137,10 +152,13 @@ class Trainer:
             "unknown" if peak is None else f"{peak:.4g}", cfg.hardware.name,
         )  # fmt: skip
 
-    def _micro_batch(self, split: str, iteration: int, micro: int) -> torch.Tensor:
+    def _micro_batch(self, split: str, iteration: int, micro: int) -> tuple[dict, dict]:
+        """(model inputs, loss targets) of one micro-batch, on the device."""
         par, dp = self.cfg.parallel, self.grid.dp
         positions = micro_batch_positions(iteration, micro, par.global_batch, par.micro_batch, dp.size, dp.rank)
-        return self.splits[split].batch(positions).to(self.device, non_blocking=True)
+        inputs, targets = self.splits[split].micro_batch(positions)
+        move = {k: t.to(self.device, non_blocking=True) for k, t in (inputs | targets).items()}
+        return {k: move[k] for k in inputs}, {k: move[k] for k in targets}
 
     def _dp_mean(self, values: list[float | torch.Tensor]) -> list[float]:
         """Average per-rank values over the DP group (one collective, one host sync)."""
@@ -157,13 +175,13 @@ class Trainer:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=self.device)
         for micro in range(self.accumulation):
-            tokens = self._micro_batch("train", iteration - 1, micro)
+            inputs, targets = self._micro_batch("train", iteration - 1, micro)
             last = micro == self.accumulation - 1
             sync = nullcontext() if last or self.forward_model is self.model else self.forward_model.no_sync()
             with sync:
                 with self.autocast():
-                    logits = self.forward_model(tokens[:, :-1])
-                loss = self.model.loss(logits, tokens[:, 1:]) / self.accumulation
+                    outputs = self.forward_model(**inputs)
+                loss = self.model.loss(outputs, **targets) / self.accumulation
                 (loss * self.scaler.scale if self.scaler else loss).backward()
             loss_sum += loss.detach()
         skipped = self.scaler.unscale_and_check(self.parameters) if self.scaler else False
@@ -178,18 +196,21 @@ class Trainer:
         return loss_sum, norm, skipped
 
     @torch.no_grad()
-    def evaluate(self, split: str, batches: int) -> float:
-        """Mean token loss over `batches` global batches of `split`, read in order from its start."""
+    def evaluate(self, split: str, batches: int) -> dict[str, float]:
+        """Mean loss terms (GPT: loss; BERT: loss, mlm_loss, sop_loss, sop_accuracy) over `batches` global
+        batches of `split`, read in order from its start."""
         self.model.eval()
-        total = torch.zeros((), device=self.device)
+        totals: dict[str, torch.Tensor] = {}
         for i in range(batches):
             for micro in range(self.accumulation):
-                tokens = self._micro_batch(split, i, micro)
+                inputs, targets = self._micro_batch(split, i, micro)
                 with self.autocast():
-                    logits = self.model(tokens[:, :-1])
-                total += self.model.loss(logits, tokens[:, 1:])
+                    outputs = self.model(**inputs)
+                for name, value in self.model.loss_terms(outputs, **targets).items():
+                    totals[name] = totals.get(name, 0.0) + value.detach()
         self.model.train()
-        return self._dp_mean([total / (batches * self.accumulation)])[0]
+        means = self._dp_mean([total / (batches * self.accumulation) for total in totals.values()])
+        return dict(zip(totals, means, strict=True))
 
     def _eval_record(self, iteration: int, final: bool) -> dict:
         record = {"iteration": iteration}
@@ -197,8 +218,10 @@ class Trainer:
         if final:  # the whole test split, once
             splits["test"] = max(1, len(self.splits["test"]) // self.cfg.parallel.global_batch)
         for split, batches in splits.items():
-            loss = self.evaluate(split, batches)
-            record |= {f"{split}/loss": loss, f"{split}/ppl": math.exp(min(loss, 700.0))}
+            terms = self.evaluate(split, batches)
+            lm_loss = terms.get("mlm_loss", terms["loss"])  # BERT: the perplexity of the masked tokens
+            record |= {f"{split}/{name}": value for name, value in terms.items()}
+            record[f"{split}/ppl"] = math.exp(min(lm_loss, 700.0))
         return record
 
     def _train_record(self, iteration: int, steps: int, loss: float, norm: float, skipped: int, seconds: float):
@@ -208,7 +231,6 @@ class Trainer:
         record = {
             "iteration": iteration,
             "train/loss": loss,
-            "train/ppl": math.exp(min(loss, 700.0)),
             "train/lr": learning_rate(cfg.optimizer, iteration, cfg.train.iterations),
             "train/grad_norm": norm,
             "train/skipped_steps": skipped,
@@ -217,6 +239,8 @@ class Trainer:
             "perf/tflops_per_device": self.model_flops / step_time / world / 1e12,
             "perf/peak_memory_gb": peak_memory_gb(self.device),
         }
+        if cfg.model.arch == "gpt":  # BERT's training loss adds the SOP loss: its perplexity means nothing
+            record["train/ppl"] = math.exp(min(loss, 700.0))
         if self.scaler:
             record["train/loss_scale"] = self.scaler.scale
         if cfg.hardware.peak_tflops:

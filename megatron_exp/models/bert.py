@@ -1,0 +1,105 @@
+"""BERT with tensor parallelism: the shared transformer run bidirectionally over the unpadded tokens, with
+token-type embeddings, a masked-LM head whose output layer is the vocab-parallel embedding (plus its own
+vocab-parallel bias), and a sentence-order head on the pooled [CLS] state.
+
+Only the MLM output layer touches the vocabulary, through f and the vocab-parallel cross-entropy; the MLM dense
+layer, the pooler and the SOP head are small and replicated on every TP rank.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_exp.config import ModelConfig
+from megatron_exp.models.transformer import TransformerModel
+from megatron_exp.parallel.cross_entropy import vocab_parallel_cross_entropy
+from megatron_exp.parallel.mappings import f
+from megatron_exp.parallel.sharding import ShardSpec
+from megatron_exp.parallel.state import Group
+
+TOKEN_TYPES = 2  # segment A and segment B
+
+
+class BERTModel(TransformerModel):
+    """Built on the current process grid's TP group (or `tp`). Without `pretraining_heads` (fine-tuning) it has
+    the encoder and pooler only."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        tp: Group | None = None,
+        *,
+        activation_checkpointing: bool = False,
+        seed: int = 0,
+        pretraining_heads: bool = True,
+    ):
+        super().__init__(cfg, tp, activation_checkpointing, token_types=TOKEN_TYPES)
+        self.pooler = nn.Linear(cfg.hidden, cfg.hidden)
+        if pretraining_heads:
+            self.mlm_dense = nn.Linear(cfg.hidden, cfg.hidden)
+            self.mlm_norm = nn.LayerNorm(cfg.hidden, eps=cfg.layernorm_eps)
+            rows = self.embedding.weight.shape[0]
+            self.mlm_bias = ShardSpec(dim=0, vocab_size=cfg.vocab_size).tag(nn.Parameter(torch.empty(rows)))
+            self.sop_head = nn.Linear(cfg.hidden, 2)
+            self.head_dropout = nn.Dropout(cfg.hidden_dropout)
+        self.finish_init(seed)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> None:
+        super().init_weights(seed)
+        if hasattr(self, "mlm_bias"):
+            nn.init.zeros_(self.mlm_bias)
+
+    def pool(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The sequence summary for classification: tanh(dense(state of [CLS])), [batch, hidden]."""
+        return torch.tanh(self.pooler(hidden[:, 0]))
+
+    def forward(
+        self, tokens: torch.Tensor, token_types: torch.Tensor, padding_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (this rank's MLM logits [batch, seq, padded_vocab / tp], SOP logits [batch, 2])."""
+        hidden = self.encode(tokens, token_types, padding_mask)
+        x = self.mlm_norm(F.gelu(self.mlm_dense(hidden), approximate="tanh"))
+        mlm_logits = F.linear(f(x, self.tp), self.embedding.weight, self.mlm_bias)
+        sop_logits = self.sop_head(self.head_dropout(self.pool(hidden)))
+        return mlm_logits, sop_logits
+
+    def loss_terms(
+        self, outputs, mlm_targets: torch.Tensor, mlm_mask: torch.Tensor, sop_labels: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """MLM loss (mean over the masked positions), SOP loss and SOP accuracy, identical on every TP rank."""
+        mlm_logits, sop_logits = outputs
+        losses = vocab_parallel_cross_entropy(mlm_logits, mlm_targets, self.cfg.vocab_size, self.tp)
+        mlm = (losses * mlm_mask).sum() / mlm_mask.sum().clamp(min=1)
+        sop = F.cross_entropy(sop_logits.float(), sop_labels)
+        accuracy = (sop_logits.argmax(-1) == sop_labels).float().mean()
+        return {"loss": mlm + sop, "mlm_loss": mlm, "sop_loss": sop, "sop_accuracy": accuracy}
+
+    def loss(self, outputs, mlm_targets, mlm_mask, sop_labels) -> torch.Tensor:
+        """MLM + SOP loss, what pretraining minimizes."""
+        return self.loss_terms(outputs, mlm_targets, mlm_mask, sop_labels)["loss"]
+
+
+class BERTMultipleChoice(nn.Module):
+    """Fine-tuning for multiple choice (RACE): each option's sequence is encoded, its pooled [CLS] state goes
+    through dropout and a linear layer to one score, and the options of a question compete in a softmax."""
+
+    def __init__(self, cfg: ModelConfig, tp: Group | None = None, *, seed: int = 0):
+        super().__init__()
+        self.bert = BERTModel(cfg, tp, seed=seed, pretraining_heads=False)
+        self.dropout = nn.Dropout(cfg.hidden_dropout)
+        self.score = nn.Linear(cfg.hidden, 1)
+        if not self.score.weight.is_meta:
+            generator = torch.Generator(device=self.score.weight.device).manual_seed(seed + 1)
+            with torch.no_grad():
+                self.score.weight.normal_(0.0, cfg.init_std, generator=generator)
+                self.score.bias.zero_()
+
+    def forward(self, tokens: torch.Tensor, token_types: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
+        """Inputs [questions, options, seq] -> scores [questions, options]."""
+        questions, options, seq = tokens.shape
+        flat = (t.reshape(questions * options, seq) for t in (tokens, token_types, padding_mask))
+        pooled = self.bert.pool(self.bert.encode(*flat))
+        return self.score(self.dropout(pooled)).view(questions, options)
