@@ -19,9 +19,11 @@ def console_line(record: dict, total_iterations: int) -> str:
     """One progress line from a train or eval record."""
     it = f"iter {record['iteration']:>{len(str(total_iterations))}}/{total_iterations}"
     parts = [it]
-    for split in ("valid", "test"):
+    for split in ("valid", "dev", "test"):
         if f"{split}/loss" in record:
             parts.append(f"{split} loss {record[f'{split}/loss']:.4f} | {split} ppl {record[f'{split}/ppl']:.2f}")
+        if f"{split}/accuracy" in record:
+            parts.append(f"{split} acc {100 * record[f'{split}/accuracy']:.1f}%")
         if f"{split}/sop_accuracy" in record:
             parts.append(f"{split} SOP acc {100 * record[f'{split}/sop_accuracy']:.1f}%")
     if "train/loss" in record:

@@ -1,0 +1,183 @@
+"""RACE: input building on hand-checked examples, the local layout, and pretrain -> fine-tune end to end."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer
+
+from megatron_exp.config import ConfigError, RaceConfig, RaceTaskConfig, TokenizerConfig
+from megatron_exp.data.bert_dataset import Vocabulary
+from megatron_exp.data.tokenizer import wordpiece
+from megatron_exp.tasks.race import Question, encode_question, model_inputs, question_with_option, read_questions
+from tests.tasks.test_entry_points import evaluate
+from tests.test_train import records, train
+
+WORDS = ["the", "cat", "sat", "on", "mat", "?", ".", "dog", "ran", "to", "park", "what", "did", "do"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    vocab = tmp_path_factory.mktemp("vocab") / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, "_"]) + "\n")
+    return wordpiece(TokenizerConfig(kind="wordpiece", vocab_file=str(vocab)), [])
+
+
+def ids(*words: str) -> list[int]:
+    return [5 + WORDS.index(w) for w in words]
+
+
+CLS, SEP, PAD = 2, 3, 0
+
+
+def test_blank_is_replaced_by_the_option_else_the_option_follows():
+    assert question_with_option("The cat sat on the _ .", "mat") == "The cat sat on the mat ."
+    assert question_with_option("Where is the cat?", "on the mat") == "Where is the cat? on the mat"
+
+
+def test_sequences_are_cls_qa_sep_article_sep_with_token_types(tokenizer):
+    q = Question("The dog ran to the park.", "The dog ran to the _ .", ["park", "mat", "cat", "dog"], 0, "middle")
+    tokens, lengths, segment_b = encode_question(q, tokenizer, Vocabulary.of(tokenizer), seq_len=20, max_qa_len=16)
+    article = ids("the", "dog", "ran", "to", "the", "park", ".")
+    first = [CLS, *ids("the", "dog", "ran", "to", "the", "park", "."), SEP, *article, SEP]
+    assert tokens[0].tolist() == first + [PAD] * (20 - len(first))
+    assert lengths[0] == len(first) and segment_b[0] == 9
+    assert tokens[1, 1:8].tolist() == ids("the", "dog", "ran", "to", "the", "mat", ".")
+
+    inputs = model_inputs({"ids": tokens[None], "lengths": lengths[None], "segment_b": segment_b[None]}, [0], "cpu")
+    assert inputs["tokens"].shape == (1, 4, 20)
+    assert inputs["token_types"][0, 0].tolist() == [0] * 9 + [1] * 8 + [0] * 3  # B = article + its [SEP]
+    assert inputs["padding_mask"][0, 0].tolist() == [True] * 17 + [False] * 3
+
+
+def test_truncation_cuts_qa_to_max_and_the_article_to_fit_keeping_sep_last(tokenizer):
+    article = "the cat sat on the mat . " * 20
+    q = Question(article, "what did the cat do ?", ["sat on the mat"] * 4, 2, "high")
+    tokens, lengths, segment_b = encode_question(q, tokenizer, Vocabulary.of(tokenizer), seq_len=16, max_qa_len=6)
+    row = tokens[0].tolist()
+    qa, article = ids("what", "did", "the", "cat", "do", "?"), ids("the", "cat", "sat", "on", "the", "mat", ".")
+    assert row == [CLS, *qa, SEP, *article, SEP]
+    assert lengths.tolist() == [16] * 4 and segment_b.tolist() == [8] * 4
+
+
+def _race_file(path, article, questions, options, answers, name):
+    path.mkdir(parents=True, exist_ok=True)
+    item = {"article": article, "questions": questions, "options": options, "answers": answers, "id": name}
+    (path / name).write_text(json.dumps(item))
+
+
+def _learnable_race(root, questions_per_split: dict[str, int], right: list[str], wrong: list[str], seed: int = 0):
+    """Questions whose right option always comes from `right` and whose wrong ones from `wrong`, at random
+    positions, with one fixed article: learnable from the options alone."""
+    rng = np.random.default_rng(seed)
+    for split, count in questions_per_split.items():
+        for i in range(count):
+            options = [str(w) for w in rng.choice(wrong, size=3, replace=False)]
+            answer = int(rng.integers(4))
+            options.insert(answer, str(rng.choice(right)))
+            level = "middle" if i % 2 else "high"
+            article = "Each question has one option from the first group of words. People read it every day."
+            _race_file(root / split / level, article, ["Which word is from the first group?"], [options],
+                       ["ABCD"[answer]], f"{level}{i}.txt")  # fmt: skip
+
+
+COLOURS, NUMBERS = ["red", "blue", "green", "yellow"], ["one", "two", "three", "four", "five", "six"]
+
+
+def test_local_race_layout_is_read_with_levels_and_answers(tmp_path):
+    _learnable_race(tmp_path, {"train": 6, "dev": 4, "test": 2}, COLOURS, NUMBERS)
+    cfg = RaceConfig(checkpoint="x", task=RaceTaskConfig(source=str(tmp_path)))
+    splits = read_questions(cfg)
+    assert {s: len(q) for s, q in splits.items()} == {"train": 6, "dev": 4, "test": 2}
+    q = splits["train"][0]
+    assert len(q.options) == 4 and q.options[q.answer] in COLOURS and q.level in ("middle", "high")
+    assert {q.level for q in splits["dev"]} == {"middle", "high"}
+    cfg.task.level = "middle"
+    assert {q.level for q in read_questions(cfg)["dev"]} == {"middle"}
+    with pytest.raises(ConfigError, match="no train folder"):
+        read_questions(RaceConfig(checkpoint="x", task=RaceTaskConfig(source=str(tmp_path / "dev"))))
+
+
+BERT_TINY = [
+    "model=bert_tiny",
+    "data.seq_len=64",
+    "model.seq_len=64",
+    "parallel.micro_batch=8",
+    "train.log_interval=5",
+    "train.eval_interval=0",
+    "train.eval_iters=2",
+    "optimizer.lr=2e-3",
+    "optimizer.warmup_iters=5",
+]
+
+
+def test_pretrain_tiny_bert_then_fine_tune_on_race(tmp_path, shared_cache):
+    pretrained = tmp_path / "bert"
+    done = train(pretrained, *BERT_TINY, "train.iterations=60", cache=shared_cache)
+    assert done.returncode == 0, done.stdout + done.stderr
+    losses = [r["train/loss"] for r in records(pretrained) if "train/loss" in r]
+    assert losses[-1] < losses[0] - 1.0, losses  # MLM + SOP loss falls
+    final = json.loads((pretrained / "results.json").read_text())
+    assert {"valid/mlm_loss", "valid/sop_loss", "valid/sop_accuracy", "test/loss"} <= set(final)
+    assert final["valid/ppl"] == pytest.approx(math.exp(final["valid/mlm_loss"]))
+
+    # Options of one whole-word token each, so every option's sequence has the same length: only what the
+    # option is can tell the right one. A control run with lr=0 measures the model before fine-tuning.
+    tokenizer = Tokenizer.from_file(str(pretrained / "tokenizer.json"))
+    words = sorted(t for t in tokenizer.get_vocab() if t.isalpha() and t.islower() and len(t) >= 4)[:16]
+    race = tmp_path / "race"
+    _learnable_race(race, {"train": 64, "dev": 32, "test": 32}, right=words[:4], wrong=words[4:])
+    accuracy = {}
+    for lr in (0.0, 3e-3):
+        finetuned = tmp_path / f"finetuned-lr{lr}"
+        done = evaluate("race", finetuned, f"checkpoint={pretrained}", f"task.source={race}", "task.seq_len=64",
+                        "task.max_qa_len=24", "task.epochs=5", f"optimizer.lr={lr}", "parallel.tp=2",
+                        "parallel.micro_batch=4", "parallel.global_batch=8", "log_interval=4")  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        results = json.loads((finetuned / "results.json").read_text())
+        assert results["tp"] == 2 and results["epoch"] == 5 and results["test/questions"] == 32
+        assert 0 <= results["test/accuracy_middle"] <= 1 and 0 <= results["test/accuracy_high"] <= 1
+        accuracy[lr] = results["dev/accuracy"], results["test/accuracy"]
+    assert min(accuracy[3e-3]) >= 0.75 and min(accuracy[3e-3]) > max(accuracy[0.0]) + 0.2, accuracy  # chance: 0.25
+    assert len(list((finetuned / "wandb").glob("offline-run-*/run-*.wandb"))) == 1
+    assert "job_type: finetune" in (finetuned / "config.yaml").read_text()
+    assert "dev acc" in done.stdout + done.stderr
+
+
+def test_post_ln_and_pre_ln_bert_both_train_and_differ(tmp_path, shared_cache):
+    losses = {}
+    for layernorm in ("pre", "post"):
+        run_dir = tmp_path / layernorm
+        done = train(run_dir, *BERT_TINY, f"model.layernorm={layernorm}", "train.iterations=10",
+                     "logger.wandb=false", cache=shared_cache)  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        losses[layernorm] = [r["train/loss"] for r in records(run_dir) if "train/loss" in r]
+        assert all(math.isfinite(loss) for loss in losses[layernorm])
+    assert losses["pre"] != losses["post"]
+
+
+def test_race_refuses_a_gpt_checkpoint(tmp_path, shared_cache):
+    gpt = tmp_path / "gpt"
+    done = train(gpt, "model=gpt_tiny", "data.seq_len=32", "train.iterations=1", "train.eval_iters=1",
+                 "parallel.micro_batch=2", "logger.wandb=false", cache=shared_cache)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    done = evaluate("race", tmp_path / "race", f"checkpoint={gpt}", f"task.source={tmp_path}")
+    assert done.returncode == 2 and "RACE fine-tunes a BERT" in done.stdout + done.stderr
+
+
+def test_scores_come_from_the_pooled_cls_state():
+    from megatron_exp.config import ModelConfig
+    from megatron_exp.models.bert import BERTMultipleChoice
+
+    cfg = ModelConfig(arch="bert", hidden=32, heads=4, layers=1, vocab_size=50, seq_len=8)
+    model = BERTMultipleChoice(cfg, seed=0).eval()
+    tokens = torch.randint(5, 50, (2, 4, 8))
+    scores = model(tokens, torch.zeros_like(tokens), torch.ones_like(tokens, dtype=torch.bool))
+    assert scores.shape == (2, 4)
+    one = tokens[1, 2:3]
+    expected = model.score(model.bert.pool(model.bert.encode(one, torch.zeros_like(one), torch.ones_like(one) > 0)))
+    torch.testing.assert_close(scores[1, 2], expected.squeeze())
+    tokens[1, 2, 3] += 1  # another question's scores do not move
+    assert torch.equal(model(tokens, torch.zeros_like(tokens), torch.ones_like(tokens, dtype=torch.bool))[0], scores[0])
