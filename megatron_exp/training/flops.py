@@ -1,18 +1,20 @@
-"""FLOPs of one training iteration of a GPT, for throughput, MFU and HFU.
+"""FLOPs of one training iteration of a GPT or BERT, for throughput, MFU and HFU.
 
 Model FLOPs (Korthikanti et al. 2022, eq. 7; no recomputation counted):
     72 B s L h^2 (1 + s/(6h) + V/(12 L h))
 With full activation recomputation (Narayanan et al. 2021, eq. 3), the FLOPs the hardware executes:
     96 B s L h^2 (1 + s/(6h) + V/(16 L h))
 B sequences of s tokens, L layers, hidden h, (padded) vocabulary V. Attention convention: the full s x s score
-matrix is counted (not halved for the causal mask), as in both papers.
+matrix is counted (not halved for GPT's causal mask), as in both papers. BERT uses the same count: its MLM logits
+are computed at every position, as GPT's; the small MLM dense layer, pooler and SOP head (< 1/L of a layer) are
+left out. RACE fine-tuning has no vocabulary layer (V = 0).
 
 MFU = model FLOPs per second / peak of the devices used; HFU uses the executed FLOPs.
 """
 
 from __future__ import annotations
 
-ATTENTION_CONVENTION = "full s^2 attention (causal mask not halved)"
+ATTENTION_CONVENTION = "full s^2 attention (a causal mask is not halved)"
 
 
 def model_flops(batch: int, seq: int, layers: int, hidden: int, vocab: int) -> float:

@@ -7,29 +7,45 @@ import torch
 from omegaconf import OmegaConf
 
 from megatron_exp.config import ModelConfig
+from megatron_exp.models.bert import BERTModel
 from megatron_exp.models.gpt import GPTModel
 from megatron_exp.parallel import state
 from megatron_exp.parallel.sharding import ShardSpec
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "model"
 GPT_PRESETS = sorted(p.stem for p in CONF.glob("gpt_*.yaml"))
+BERT_PRESETS = sorted(p.stem for p in CONF.glob("bert_*.yaml"))
 
 
 def load_preset(name: str, **overrides) -> ModelConfig:
     schema = OmegaConf.structured(ModelConfig)
-    return OmegaConf.to_object(OmegaConf.merge(schema, OmegaConf.load(CONF / f"{name}.yaml"), overrides))
+    preset = OmegaConf.load(CONF / f"{name}.yaml")
+    preset.pop("defaults", None)  # BERT presets select a tokenizer: composition, not the model's fields
+    return OmegaConf.to_object(OmegaConf.merge(schema, preset, overrides))
 
 
 def test_every_preset_is_there():
     expected = {"gpt_tiny", "gpt_mini", "gpt_124m", "gpt_355m", "gpt_1b", "gpt_2b", "gpt_4b", "gpt_8b"}
     assert expected <= set(GPT_PRESETS)
+    assert {"bert_tiny", "bert_mini", "bert_336m", "bert_1b", "bert_4b"} <= set(BERT_PRESETS)
 
 
-@pytest.mark.parametrize("name", GPT_PRESETS)
+@pytest.mark.parametrize("name", GPT_PRESETS + BERT_PRESETS)
 def test_preset_loads_into_the_schema_and_is_valid(name):
     cfg = load_preset(name)
     cfg.validate(tp=1)
-    assert cfg.arch == "gpt"
+    assert cfg.arch == name.split("_")[0]
+
+
+@pytest.mark.parametrize(
+    "name, unit, paper", [("bert_336m", 1e6, "336"), ("bert_1b", 1e9, "1.3"), ("bert_4b", 1e9, "3.9")]
+)
+def test_bert_parameter_counts_match_the_papers_sizes(name, unit, paper):
+    cfg = load_preset(name, vocab_size=30522)
+    with torch.device("meta"):
+        count = sum(p.numel() for p in BERTModel(cfg).parameters())
+    decimals = len(paper.partition(".")[2])  # the paper's precision
+    assert f"{count / unit:.{decimals}f}" == paper
 
 
 def test_unknown_key_in_a_preset_is_an_error():
