@@ -1,4 +1,5 @@
-"""CPU training-step benchmark: this framework against a plain PyTorch GPT, TP scaling, activation checkpointing.
+"""CPU training-step benchmark: this framework against a plain PyTorch GPT, TP scaling, activation checkpointing,
+torch.compile.
 
     python benchmarks/cpu_training.py            # the full table (a few minutes on 2 cores)
     python benchmarks/cpu_training.py --quick    # a smoke run (seconds), as the test suite does
@@ -171,6 +172,23 @@ def activation_checkpointing(shape: dict) -> dict:
     return rows
 
 
+def compiled_layers(shape: dict) -> dict:
+    """Framework TP=1 steps with each layer under torch.compile (train.compile=true) against eager, alternating."""
+    cfg, tokens = _model_config(shape), _batch(shape)
+    random.seed(0, 0)
+    models = {"eager": GPTModel(cfg, seed=1), "compiled": GPTModel(cfg, seed=1)}
+    for layer in models["compiled"].layers:
+        layer.compile()
+    optimizers = {name: build_optimizer(m, OptimizerConfig(lr=1e-4)) for name, m in models.items()}
+    times = {name: [] for name in models}
+    for _ in range(shape["repeats"]):
+        for name, model in models.items():
+            step = lambda m=model, o=optimizers[name]: _step_framework(m, o, tokens, state.SERIAL)  # noqa: E731
+            times[name].append(_seconds_per_step(step, shape["steps"]))
+    eager, compiled = statistics.median(times["eager"]), statistics.median(times["compiled"])
+    return {"eager_s": eager, "compiled_s": compiled, "speedup": eager / compiled}
+
+
 def _tp_worker(rank, world, init_file, shape, out_file):
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))  # the same total cores at every TP degree
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -233,6 +251,7 @@ def main() -> None:
     flops = model_flops(shape["batch"], shape["seq_len"], shape["layers"], shape["hidden"], cfg.vocab_size)
     plain = compare_with_plain(shape)
     recompute = activation_checkpointing(shape)
+    compiled = compiled_layers(shape)
     scaling = tp_scaling(shape, [1, 2] if args.quick else [1, 2, 4])
     expected_count, expected_bytes = analytic_all_reduces(shape)
 
@@ -250,6 +269,7 @@ def main() -> None:
         "framework_mfu_of_ceiling": mfu(plain["framework_s"]),
         "plain_mfu_of_ceiling": mfu(plain["plain_s"]),
         "activation_checkpointing": recompute,
+        "compile": compiled,
         "tp_scaling": {str(k): v for k, v in scaling.items()},
         "analytic_all_reduces_per_step": {"count": expected_count, "bytes": expected_bytes},
     }
@@ -276,6 +296,10 @@ def main() -> None:
     for key, row in recompute.items():
         lines.append(f"| activation checkpointing {key} | {row['s'] * 1e3:.0f} ms, {row['activation_mb']:.1f} MB "
                      "saved for backward |")  # fmt: skip
+    lines.append(
+        f"| torch.compile of each layer (train.compile) | {compiled['compiled_s'] * 1e3:.0f} ms vs "
+        f"{compiled['eager_s'] * 1e3:.0f} ms eager: {compiled['speedup']:.2f}x |"
+    )
     for tp, row in scaling.items():
         comm = ""
         if tp > 1:

@@ -169,6 +169,9 @@ class TrainConfig:
     eval_interval: int = 50  # 0: only the final evaluation
     eval_iters: int = 10  # batches per validation
     seed: int = 1234
+    # torch.compile each transformer layer: fused elementwise kernels on GPU; needs a C++ compiler on CPU, where
+    # it did not pay off in benchmarks/ (off by default)
+    compile: bool = False
 
 
 @dataclass

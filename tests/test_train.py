@@ -184,3 +184,19 @@ def test_a_sweep_runs_every_job_in_one_group_and_the_analysis_lists_the_failed_o
     assert image.shape[0] > 100 and image.shape[1] > 100 and image[..., :3].std() > 0  # drawn, not blank
     assert (tmp_path / "scaling.md").read_text().count("\n") == 2 + 6
     assert list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))  # the same figures as a W&B summary
+
+
+def test_compiled_layers_train_like_eager_ones_at_tp2(tmp_path, shared_cache):
+    """train.compile=true compiles each layer in place: same losses and the same checkpoint keys as eager."""
+    from megatron_exp.training import checkpoint
+
+    losses, keys = {}, {}
+    for compiled in (False, True):
+        run_dir = tmp_path / f"compile-{compiled}"
+        overrides = [*TINY, "parallel.tp=2", "train.iterations=4", "logger.wandb=false", f"train.compile={compiled}"]
+        done = train(run_dir, *overrides, cache=shared_cache)
+        assert done.returncode == 0, done.stdout + done.stderr
+        losses[compiled] = [r["train/loss"] for r in records(run_dir) if "train/loss" in r]
+        keys[compiled] = sorted(checkpoint.load_rank(checkpoint.resolve(run_dir), 1)["model"])
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+    assert keys[True] == keys[False]
