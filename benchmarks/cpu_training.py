@@ -144,7 +144,7 @@ def compare_with_plain(shape: dict) -> dict:
     plain.copy_from(framework)  # the same weights, so both run the same arithmetic on the same numbers
     same_loss = (plain.loss(tokens).item(), framework.loss(framework(tokens[:, :-1]), tokens[:, 1:]).item())
     assert abs(same_loss[0] - same_loss[1]) < 1e-4, f"the two models differ: losses {same_loss}"
-    plain_opt = torch.optim.AdamW(plain.parameters(), lr=1e-4, weight_decay=0.01, foreach=True)
+    plain_opt = torch.optim.AdamW(plain.parameters(), lr=1e-4, weight_decay=0.01, fused=True)
     ratios, plain_times, framework_times = [], [], []
     for _ in range(shape["repeats"]):
         p = _seconds_per_step(lambda: _step_plain(plain, plain_opt, tokens), shape["steps"])

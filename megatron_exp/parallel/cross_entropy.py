@@ -26,32 +26,38 @@ def _masked_logits(logits: torch.Tensor, vocab_size: int, tp: Group) -> tuple[to
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """Few passes over the [tokens, vocab / tp] logits: a max, one subtraction into a new buffer, exp in place and
+    a sum; backward scales that buffer in place into the gradient."""
+
     @staticmethod
     def forward(ctx, logits, target, vocab_size, tp):
-        shifted, start = _masked_logits(logits, vocab_size, tp)
-        row_max = all_reduce_(shifted.max(dim=-1).values, tp, dist.ReduceOp.MAX)
-        shifted -= row_max.unsqueeze(-1)
+        part = logits.shape[-1]
+        start = tp.rank * part
+        real = min(max(vocab_size - start, 0), part)  # this rank's columns that are real vocabulary entries
+        x = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 logits are used as they are
+        local_max = x[..., :real].amax(dim=-1) if real else x.new_full(x.shape[:-1], float("-inf"))
+        row_max = all_reduce_(local_max, tp, dist.ReduceOp.MAX)
 
         local_target = target - start
-        in_range = (local_target >= 0) & (local_target < shifted.shape[-1])
+        in_range = (local_target >= 0) & (local_target < part)
         local_target = local_target.masked_fill(~in_range, 0)
-        target_logit = shifted.gather(-1, local_target.unsqueeze(-1)).squeeze(-1).masked_fill(~in_range, 0.0)
+        target_logit = x.gather(-1, local_target.unsqueeze(-1)).squeeze(-1).sub_(row_max).masked_fill_(~in_range, 0)
 
-        exp = shifted.exp_()
+        exp = torch.sub(x, row_max.unsqueeze(-1)).exp_()
+        exp[..., real:] = 0.0  # padding columns take no probability
         sums = all_reduce_(torch.stack([target_logit, exp.sum(dim=-1)]), tp)
         target_logit, sum_exp = sums[0], sums[1]
 
-        softmax = exp.div_(sum_exp.unsqueeze(-1))
-        ctx.save_for_backward(softmax, local_target, in_range)
+        ctx.save_for_backward(exp, sum_exp, local_target, in_range)
         ctx.logits_dtype = logits.dtype
         return sum_exp.log() - target_logit
 
     @staticmethod
     def backward(ctx, grad_loss):
-        softmax, local_target, in_range = ctx.saved_tensors
-        grad = softmax  # d loss / d logits = softmax - one_hot(target); the saved buffer is used once
-        grad.scatter_add_(-1, local_target.unsqueeze(-1), -in_range.unsqueeze(-1).to(grad.dtype))
-        grad.mul_(grad_loss.unsqueeze(-1))
+        exp, sum_exp, local_target, in_range = ctx.saved_tensors
+        # d loss / d logits = softmax - one_hot(target) = exp / sum_exp - one_hot; the saved buffer is used once
+        grad = exp.mul_((grad_loss / sum_exp).unsqueeze(-1))
+        grad.scatter_add_(-1, local_target.unsqueeze(-1), (-grad_loss * in_range).unsqueeze(-1).to(grad.dtype))
         return grad.to(ctx.logits_dtype), None, None, None
 
 
