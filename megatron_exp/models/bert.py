@@ -15,7 +15,7 @@ from torch import nn
 from megatron_exp.config import ModelConfig
 from megatron_exp.models.transformer import TransformerModel
 from megatron_exp.parallel.cross_entropy import vocab_parallel_cross_entropy
-from megatron_exp.parallel.mappings import f
+from megatron_exp.parallel.mappings import f_linear
 from megatron_exp.parallel.sharding import ShardSpec
 from megatron_exp.parallel.state import Group
 
@@ -62,7 +62,7 @@ class BERTModel(TransformerModel):
         """-> (this rank's MLM logits [batch, seq, padded_vocab / tp], SOP logits [batch, 2])."""
         hidden = self.encode(tokens, token_types, padding_mask)
         x = self.mlm_norm(F.gelu(self.mlm_dense(hidden), approximate="tanh"))
-        mlm_logits = F.linear(f(x, self.tp), self.embedding.weight, self.mlm_bias)
+        mlm_logits = f_linear(x, self.embedding.weight, self.mlm_bias, self.tp)
         sop_logits = self.sop_head(self.head_dropout(self.pool(hidden)))
         return mlm_logits, sop_logits
 

@@ -7,12 +7,11 @@ with the vocab-parallel cross-entropy, so full-vocabulary logits are never gathe
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from megatron_exp.config import ModelConfig
 from megatron_exp.models.transformer import TransformerModel
 from megatron_exp.parallel.cross_entropy import vocab_parallel_cross_entropy
-from megatron_exp.parallel.mappings import f
+from megatron_exp.parallel.mappings import f_linear
 from megatron_exp.parallel.state import Group
 
 
@@ -32,7 +31,7 @@ class GPTModel(TransformerModel):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [batch, seq] -> this rank's logits [batch, seq, padded_vocab / tp]."""
-        return F.linear(f(self.encode(tokens), self.tp), self.embedding.weight)
+        return f_linear(self.encode(tokens), self.embedding.weight, None, self.tp)
 
     def loss_terms(self, logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
         """What evaluation reports: the mean token loss."""

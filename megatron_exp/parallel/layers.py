@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_exp.parallel import state
-from megatron_exp.parallel.mappings import f, g, gather_last_dim, split_last_dim
+from megatron_exp.parallel.mappings import f_linear, g, gather_last_dim, split_last_dim
 from megatron_exp.parallel.sharding import ShardSpec, init_normal_shard_, padded_vocab_size
 from megatron_exp.parallel.state import Group
 
@@ -51,7 +51,7 @@ class ColumnParallelLinear(nn.Module):
             nn.init.zeros_(self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(f(x, self.tp), self.weight, self.bias)
+        y = f_linear(x, self.weight, self.bias, self.tp)
         return gather_last_dim(y, self.tp) if self.gather_output else y
 
 

@@ -10,12 +10,16 @@ operators enter and leave it (Shoeybi et al., 2019, Figure 3):
 
 A transformer layer uses f twice and g twice: one pair around attention, one around the MLP.
 At TP size 1 every operator returns its input untouched.
+
+`f_linear` is f followed by the column-parallel matmul, as one function so that backward can start f's
+all-reduce of the input gradient and compute the weight gradient while it runs (Megatron's overlap).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from megatron_exp.parallel.state import Group
 
@@ -54,6 +58,35 @@ class _F(torch.autograd.Function):
         return _reduce(grad, ctx.tp), None
 
 
+class _FLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, tp):
+        device = x.device.type
+        if torch.is_autocast_enabled(device):  # cast here, so that backward sees the same dtypes
+            dtype = torch.get_autocast_dtype(device)
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
+        ctx.save_for_backward(x, weight)
+        ctx.tp, ctx.has_bias = tp, bias is not None
+        with torch.autocast(device, enabled=False):
+            return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad_x = pending = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad.matmul(weight)
+            if ctx.tp.size > 1:  # f: sum the input gradient over the TP group, while the weight gradient computes
+                pending = dist.all_reduce(grad_x, group=ctx.tp.handle, async_op=True)
+        flat_grad = grad.reshape(-1, grad.shape[-1])
+        grad_weight = flat_grad.t().mm(x.reshape(-1, x.shape[-1])) if ctx.needs_input_grad[1] else None
+        grad_bias = flat_grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        if pending is not None:
+            pending.wait()
+        return grad_x, grad_weight, grad_bias, None
+
+
 class _G(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, tp):
@@ -89,6 +122,11 @@ class _Gather(torch.autograd.Function):
 def f(x: torch.Tensor, tp: Group) -> torch.Tensor:
     """Enter a TP region: identity forward, all-reduce of the gradient backward."""
     return x if tp.size == 1 else _F.apply(x, tp)
+
+
+def f_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tp: Group) -> torch.Tensor:
+    """F.linear(f(x), weight, bias), with f's backward all-reduce overlapped with the weight gradient."""
+    return _FLinear.apply(x, weight, bias, tp)
 
 
 def g(x: torch.Tensor, tp: Group) -> torch.Tensor:

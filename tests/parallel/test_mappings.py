@@ -1,8 +1,10 @@
+import pytest
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from megatron_exp.parallel import state
-from megatron_exp.parallel.mappings import f, g, gather_last_dim, split_last_dim
+from megatron_exp.parallel.mappings import f, f_linear, g, gather_last_dim, split_last_dim
 from megatron_exp.parallel.state import Group
 from tests.distributed import run_on_ranks
 
@@ -46,3 +48,23 @@ def _check_operators():
 
 def test_f_g_split_gather_forward_and_backward_at_tp2():
     run_on_ranks(2, _check_operators)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_f_linear_matches_f_then_linear_at_tp1(autocast):
+    """The fused form computes F.linear's output and gradients (weight gradient contiguous, in the parameter's
+    dtype), also under bf16 autocast."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    weight, bias = torch.randn(6, 8, requires_grad=True), torch.randn(6, requires_grad=True)
+    results = []
+    for linear in (lambda: F.linear(x, weight, bias), lambda: f_linear(x, weight, bias, Group(1, 0))):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = linear()
+        out.float().square().sum().backward()
+        results.append((out, x.grad, weight.grad, bias.grad))
+        x.grad = weight.grad = bias.grad = None
+    for ours, reference in zip(results[1], results[0], strict=True):
+        assert ours.dtype == reference.dtype and ours.shape == reference.shape
+        torch.testing.assert_close(ours, reference, rtol=1e-2 if autocast else 1e-6, atol=1e-2 if autocast else 1e-6)
+    assert results[1][2].is_contiguous()
