@@ -170,7 +170,7 @@ class TrainConfig:
     eval_iters: int = 10  # batches per validation
     seed: int = 1234
     # torch.compile each transformer layer: fused elementwise kernels on GPU; needs a C++ compiler on CPU, where
-    # it did not pay off in benchmarks/ (off by default)
+    # benchmarks/cpu_training.py shows no consistent gain (off by default)
     compile: bool = False
 
 
