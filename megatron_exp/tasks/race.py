@@ -7,7 +7,8 @@ scores each sequence from its pooled [CLS] state, a softmax over the 4 scores gi
 minimizes the cross-entropy (the paper's recipe: 3 epochs, lr 1e-5..2e-5 with warmup, weight decay).
 
 Reports accuracy on dev and test, overall and for the middle- and high-school parts, after every epoch, to
-metrics.jsonl and W&B (job_type=finetune), and the final numbers to results.json.
+metrics.jsonl and W&B (job_type=finetune), and the final numbers to results.json. The fine-tuned weights are
+saved after every epoch under <run_dir>/checkpoints (TP shards, the newest epoch kept).
 """
 
 from __future__ import annotations
@@ -166,6 +167,8 @@ class FineTuning:
         self.device = device_of(cfg.hardware)
         random.seed(cfg.seed, grid.tp.rank, self.device)
         model_cfg = checkpoint.model_config_of(directory)
+        self.meta = {"world_size": grid.world_size, "tp": grid.tp.size, "dp": 1, "model": asdict(model_cfg),
+                     "task": "race", "fine_tuned_from": str(directory), "weights_only": True}  # fmt: skip
         with torch.device(self.device):
             self.model = BERTMultipleChoice(model_cfg, grid.tp, seed=cfg.seed)
         pretrained = checkpoint.load_model_state(directory, grid.tp.size, grid.tp.rank)
@@ -246,6 +249,9 @@ class FineTuning:
             results = {"epoch": epoch + 1} | self.evaluate("dev") | self.evaluate("test")
             if self.sinks:
                 self.sinks.log({"iteration": step, **results})
+            # the fine-tuned weights after every epoch (the newest kept), so a long run loses at most an epoch
+            state = {"iteration": step, "epoch": epoch + 1, "model": self.model.state_dict()}
+            checkpoint.save(cfg.run_dir, step, state, self.grid.rank, self.meta | {"epoch": epoch + 1}, keep=1)
         if self.sinks:
             self.sinks.close()
         return results

@@ -12,6 +12,7 @@ from megatron_exp.config import ConfigError, RaceConfig, RaceTaskConfig, Tokeniz
 from megatron_exp.data.bert_dataset import Vocabulary
 from megatron_exp.data.tokenizer import wordpiece
 from megatron_exp.tasks.race import Question, encode_question, model_inputs, question_with_option, read_questions
+from megatron_exp.training import checkpoint
 from tests.tasks.test_entry_points import evaluate
 from tests.test_train import records, train
 
@@ -142,6 +143,9 @@ def test_pretrain_tiny_bert_then_fine_tune_on_race(tmp_path, shared_cache):
         accuracy[lr] = results["dev/accuracy"], results["test/accuracy"]
     assert min(accuracy[3e-3]) >= 0.75 and min(accuracy[3e-3]) > max(accuracy[0.0]) + 0.2, accuracy  # chance: 0.25
     assert len(list((finetuned / "wandb").glob("offline-run-*/run-*.wandb"))) == 1
+    saved = checkpoint.resolve(finetuned)  # the last epoch's fine-tuned weights, one shard per TP rank
+    assert checkpoint.read_meta(saved)["epoch"] == 5 and checkpoint.read_meta(saved)["tp"] == 2
+    assert "score.weight" in checkpoint.load_rank(saved, 1)["model"]
     assert "job_type: finetune" in (finetuned / "config.yaml").read_text()
     assert "dev acc" in done.stdout + done.stderr
 
