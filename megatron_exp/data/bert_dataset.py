@@ -81,13 +81,18 @@ def sentence_runs(sentence_lengths: np.ndarray, document_sentences: np.ndarray, 
 
 
 def _fit(a: int, b: int, room: int) -> tuple[int, int]:
-    """Lengths of A and B after trimming the longer one, token by token, until both fit in `room`."""
-    while a + b > room:
-        if a > b:
-            a -= 1
-        else:
-            b -= 1
-    return a, b
+    """Lengths of A and B after trimming the longer one, token by token (B first on a tie), until both fit in
+    `room`: the longer comes down to the shorter, then the two shrink in turn."""
+    excess = a + b - room
+    if excess <= 0:
+        return a, b
+    if a > b:
+        cut = min(excess, a - b)
+        a, excess = a - cut, excess - cut
+    else:
+        cut = min(excess, b - a)
+        b, excess = b - cut, excess - cut
+    return a - excess // 2, b - (excess + 1) // 2
 
 
 def mask_whole_words(

@@ -86,7 +86,6 @@ def _sentence_encoder(tok: Tokenizer):
 
 
 def _write_tokens(docs: Dataset, encode, dtype: np.dtype, out: Path, num_proc: int) -> dict:
-
     large = len(docs) >= 1000  # worker processes and a progress bar only pay off on large corpora
     num_proc = min(num_proc, len(docs) // 1000) if large else 1
     bars_were_off = datasets.are_progress_bars_disabled()

@@ -12,7 +12,9 @@ A transformer layer uses f twice and g twice: one pair around attention, one aro
 At TP size 1 every operator returns its input untouched.
 
 `f_linear` is f followed by the column-parallel matmul, as one function so that backward can start f's
-all-reduce of the input gradient and compute the weight gradient while it runs (Megatron's overlap).
+all-reduce of the input gradient and compute the weight gradient while it runs (Megatron's overlap). Every
+f in this package's models is followed by such a matmul, so they use f_linear; f is the operator for any other
+entry into a TP region.
 """
 
 from __future__ import annotations

@@ -186,8 +186,9 @@ class FineTuning:
         self.flops = flops.model_flops(sequences, cfg.task.seq_len, model_cfg.layers, model_cfg.hidden, vocab=0)
         self.sinks = MetricSinks(Path(cfg.run_dir), self.total_steps, wandb_settings(cfg)) if grid.rank == 0 else None
 
-    def _step(self, step: int, rows: np.ndarray) -> tuple[float, float, float]:
-        """One optimizer step on questions `rows`; returns (loss, accuracy, gradient norm)."""
+    def _step(self, step: int, rows: np.ndarray) -> torch.Tensor:
+        """One optimizer step on questions `rows`; returns [loss, accuracy, gradient norm] on the device, so the
+        step never waits for the host."""
         lr = learning_rate(self.cfg.optimizer, step, self.total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -205,7 +206,7 @@ class FineTuning:
         norm = clip_gradients_(self.parameters, self.cfg.optimizer.clip_grad, self.grid)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_sum.item(), correct.item() / len(rows), float(norm)
+        return torch.stack([loss_sum, correct / len(rows), norm.float()])
 
     @torch.no_grad()
     def evaluate(self, split: str) -> dict[str, float]:
@@ -235,17 +236,17 @@ class FineTuning:
                 cfg.task.epochs,
             )  # fmt: skip
         step, results = 0, {}
-        window = {"loss": 0.0, "accuracy": 0.0, "grad_norm": 0.0, "steps": 0, "start": time.perf_counter()}
+        sums, steps, start = torch.zeros(3, device=self.device), 0, time.perf_counter()  # the logging window
         for epoch in range(cfg.task.epochs):
             order = np.random.default_rng([cfg.seed, epoch]).permutation(len(self.splits["train"]["answers"]))
             for k in range(self.steps_per_epoch):
                 step += 1
-                loss, accuracy, norm = self._step(step, order[k * par.global_batch : (k + 1) * par.global_batch])
-                window |= {key: window[key] + v for key, v in (("loss", loss), ("accuracy", accuracy))}
-                window["grad_norm"] += norm
-                window["steps"] += 1
+                sums += self._step(step, order[k * par.global_batch : (k + 1) * par.global_batch])
+                steps += 1
                 if step % cfg.log_interval == 0 or k == self.steps_per_epoch - 1:
-                    self._log_train(step, window)
+                    seconds = (time.perf_counter() - start) / steps
+                    self._log_train(step, [total / steps for total in sums.tolist()], seconds)
+                    sums, steps, start = sums.zero_(), 0, time.perf_counter()
             results = {"epoch": epoch + 1} | self.evaluate("dev") | self.evaluate("test")
             if self.sinks:
                 self.sinks.log({"iteration": step, **results})
@@ -256,16 +257,16 @@ class FineTuning:
             self.sinks.close()
         return results
 
-    def _log_train(self, step: int, window: dict) -> None:
-        steps = window["steps"]
-        seconds = (time.perf_counter() - window["start"]) / steps
+    def _log_train(self, step: int, means: list[float], seconds: float) -> None:
+        """Log the window's mean [loss, accuracy, gradient norm] and `seconds` per step."""
         par = self.cfg.parallel
+        loss, accuracy, grad_norm = means
         record = {
             "iteration": step,
-            "train/loss": window["loss"] / steps,
-            "train/accuracy": window["accuracy"] / steps,
+            "train/loss": loss,
+            "train/accuracy": accuracy,
             "train/lr": learning_rate(self.cfg.optimizer, step, self.total_steps),
-            "train/grad_norm": window["grad_norm"] / steps,
+            "train/grad_norm": grad_norm,
             "perf/step_time_s": seconds,
             "perf/tokens_per_s": par.global_batch * OPTIONS * self.cfg.task.seq_len / seconds,
             "perf/tflops_per_device": self.flops / seconds / self.grid.world_size / 1e12,
@@ -275,7 +276,6 @@ class FineTuning:
             record["perf/mfu"] = flops.utilization(self.flops, seconds, self.grid.world_size, peak)
         if self.sinks:
             self.sinks.log(record)
-        window |= {"loss": 0.0, "accuracy": 0.0, "grad_norm": 0.0, "steps": 0, "start": time.perf_counter()}
 
 
 def worker(payload: dict) -> dict | None:

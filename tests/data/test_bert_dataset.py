@@ -1,3 +1,4 @@
+import itertools
 import json
 
 import numpy as np
@@ -5,7 +6,7 @@ import pytest
 
 from megatron_exp.config import ConfigError, DataConfig, TokenizerConfig
 from megatron_exp.data import token_store
-from megatron_exp.data.bert_dataset import BERTSamples, Vocabulary, sentence_runs
+from megatron_exp.data.bert_dataset import BERTSamples, Vocabulary, _fit, sentence_runs
 from megatron_exp.data.tokenizer import train_bpe
 
 SYLLABLES = ["ka", "lo", "mi", "ren", "tus", "vi", "do", "sha", "pel", "quor", "bin", "ga"]
@@ -49,6 +50,16 @@ def test_sentence_runs_close_at_the_target_or_the_document_end_with_two_sentence
     lengths = np.array([3, 4, 5, 2, 7, 1, 1])
     documents = np.array([4, 1, 2])  # the middle document has one sentence: no pair can come from it
     assert sentence_runs(lengths, documents, target=6).tolist() == [[0, 2], [2, 4], [5, 7]]
+
+
+def test_fit_trims_the_longer_segment_token_by_token():
+    def one_at_a_time(a, b, room):  # the rule, literally
+        while a + b > room:
+            a, b = (a - 1, b) if a > b else (a, b - 1)
+        return a, b
+
+    for a, b, room in itertools.product(range(30), range(30), range(50)):
+        assert _fit(a, b, room) == one_at_a_time(a, b, room), (a, b, room)
 
 
 def test_split_sentences():
