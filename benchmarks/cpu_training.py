@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from megatron_exp.config import ModelConfig, OptimizerConfig  # noqa: E402
-from megatron_exp.hardware import measure_cpu_matmul_tflops  # noqa: E402
+from megatron_exp.hardware import keep_freed_cpu_memory, measure_cpu_matmul_tflops  # noqa: E402
 from megatron_exp.models.gpt import GPTModel  # noqa: E402
 from megatron_exp.parallel import random, state  # noqa: E402
 from megatron_exp.plan import measure_activation_bytes  # noqa: E402
@@ -189,8 +189,10 @@ def compiled_layers(shape: dict) -> dict:
     return {"eager_s": eager, "compiled_s": compiled, "speedup": eager / compiled}
 
 
-def _tp_worker(rank, world, init_file, shape, out_file):
+def _tp_worker(rank, world, init_file, shape, out_file, keep_freed=True):
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))  # the same total cores at every TP degree
+    if keep_freed:  # as the framework's CPU workers do; otherwise glibc's defaults
+        keep_freed_cpu_memory()
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     grid = state.initialize(world)
     random.seed(0, grid.tp.rank)
@@ -224,13 +226,28 @@ def analytic_all_reduces(shape: dict) -> tuple[int, int]:
     return count, total
 
 
+def _run_workers(shape: dict, tp: int, keep_freed: bool = True) -> dict:
+    """One fresh group of `tp` processes timing the framework's step; rank 0's measurements."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.pt"
+        args = (tp, f"{tmp}/rendezvous", shape, out, keep_freed)
+        mp.start_processes(_tp_worker, args=args, nprocs=tp, start_method="spawn")
+        return torch.load(out)
+
+
+def allocator(shape: dict) -> dict:
+    """Framework TP=1 steps in fresh processes with glibc's default allocator settings and with the framework's
+    (keep_freed_cpu_memory), alternating."""
+    times = {"default": [], "keep_freed": []}
+    for _ in range(shape["repeats"]):
+        for name in times:
+            times[name].append(_run_workers(shape, 1, keep_freed=name == "keep_freed")["s"])
+    default, keep = statistics.median(times["default"]), statistics.median(times["keep_freed"])
+    return {"default_s": default, "keep_freed_s": keep, "speedup": default / keep}
+
+
 def tp_scaling(shape: dict, degrees: list[int]) -> dict:
-    rows = {}
-    for tp in degrees:
-        with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp) / "result.pt"
-            mp.start_processes(_tp_worker, args=(tp, f"{tmp}/rendezvous", shape, out), nprocs=tp, start_method="spawn")
-            rows[tp] = torch.load(out)
+    rows = {tp: _run_workers(shape, tp) for tp in degrees}
     base = rows[degrees[0]]["s"]
     for row in rows.values():
         row["efficiency"] = base / row["s"]
@@ -244,6 +261,7 @@ def main() -> None:
     args = parser.parse_args()
     shape = QUICK if args.quick else FULL
     torch.set_num_threads(os.cpu_count() or 1)
+    keep_freed_cpu_memory()  # the framework's CPU workers run this way; the plain model shares the process
 
     ceiling = measure_cpu_matmul_tflops(size=256 if args.quick else 2048, seconds=0.2 if args.quick else 2.0)
     cfg = _model_config(shape)
@@ -252,6 +270,7 @@ def main() -> None:
     plain = compare_with_plain(shape)
     recompute = activation_checkpointing(shape)
     compiled = compiled_layers(shape)
+    memory = allocator(shape)
     scaling = tp_scaling(shape, [1, 2] if args.quick else [1, 2, 4])
     expected_count, expected_bytes = analytic_all_reduces(shape)
 
@@ -270,6 +289,7 @@ def main() -> None:
         "plain_mfu_of_ceiling": mfu(plain["plain_s"]),
         "activation_checkpointing": recompute,
         "compile": compiled,
+        "allocator": memory,
         "tp_scaling": {str(k): v for k, v in scaling.items()},
         "analytic_all_reduces_per_step": {"count": expected_count, "bytes": expected_bytes},
     }
@@ -299,6 +319,10 @@ def main() -> None:
     lines.append(
         f"| torch.compile of each layer (train.compile) | {compiled['compiled_s'] * 1e3:.0f} ms vs "
         f"{compiled['eager_s'] * 1e3:.0f} ms eager: {compiled['speedup']:.2f}x |"
+    )
+    lines.append(
+        f"| glibc keeps freed memory (keep_freed_cpu_memory) | {memory['keep_freed_s'] * 1e3:.0f} ms vs "
+        f"{memory['default_s'] * 1e3:.0f} ms with glibc's defaults: {memory['speedup']:.2f}x |"
     )
     for tp, row in scaling.items():
         comm = ""

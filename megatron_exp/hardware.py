@@ -6,6 +6,8 @@ a large fp32 matmul on all cores, the ceiling that a training step on this CPU c
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import time
 
@@ -37,6 +39,27 @@ def detect() -> HardwareConfig:
         memory_gb=torch.cuda.get_device_properties(0).total_memory / 1e9,
         devices_per_node=torch.cuda.device_count(),
     )
+
+
+# glibc mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+
+
+def keep_freed_cpu_memory() -> bool:
+    """Let glibc keep freed memory for reuse instead of handing it back to the OS (False where libc is not glibc).
+
+    By default glibc serves every large block (activations, gradients, logits) with a fresh mmap and unmaps it on
+    free, so each training step page-faults its whole working set in again. Serving them from the heap and not
+    trimming it lets a step reuse warm pages (benchmarks/cpu_training.py measures the gain), at the same peak
+    memory. For CPU training processes, which allocate the same blocks every step.
+    """
+    name = ctypes.util.find_library("c")
+    try:
+        mallopt = ctypes.CDLL(name).mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    never = 2**31 - 1  # the largest int mallopt takes
+    return mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, never) == 1
 
 
 def measure_cpu_matmul_tflops(size: int = 2048, seconds: float = 1.0) -> float:

@@ -25,6 +25,7 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, r
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from megatron_exp.config import HardwareConfig, ParallelConfig
+from megatron_exp.hardware import keep_freed_cpu_memory
 from megatron_exp.parallel import state
 from megatron_exp.parallel.state import ProcessGrid
 
@@ -82,6 +83,7 @@ def start_worker(hardware: HardwareConfig, parallel: ParallelConfig) -> ProcessG
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     if hardware.device == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        keep_freed_cpu_memory()
     else:
         torch.cuda.set_device(local_rank)
     timeout = timedelta(seconds=parallel.timeout_s)

@@ -28,6 +28,7 @@ def test_cpu_benchmark_quick_run_reports_every_measurement(tmp_path):
     assert (tp2["all_reduces"], tp2["bytes"]) == (analytic["count"], analytic["bytes"])  # exactly the paper's
     assert "| framework / plain throughput |" in done.stdout
     assert results["compile"]["compiled_s"] > 0 and "torch.compile of each layer" in done.stdout
+    assert results["allocator"]["default_s"] > 0 and "glibc keeps freed memory" in done.stdout
 
 
 def test_gpu_benchmark_runs_on_cpu_with_a_tiny_model(tmp_path):
