@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 import tempfile
@@ -157,17 +158,17 @@ def compare_with_plain(shape: dict) -> dict:
 
 
 def activation_checkpointing(shape: dict) -> dict:
+    """Step time and peak memory (fresh TP=1 processes) and the bytes autograd keeps, without and with."""
     cfg, tokens = _model_config(shape), _batch(shape)
-    random.seed(0, 0)
     rows = {}
     for recompute in (False, True):
-        model = GPTModel(cfg, activation_checkpointing=recompute)
-        optimizer = build_optimizer(model, OptimizerConfig(lr=1e-4))
-        seconds = _seconds_per_step(lambda m=model, o=optimizer: _step_framework(m, o, tokens, state.SERIAL),
-                                    shape["steps"])  # fmt: skip
+        worker = _run_workers(shape, 1, recompute=recompute)
+        random.seed(0, 0)
+        saved = measure_activation_bytes(GPTModel(cfg, activation_checkpointing=recompute), tokens)
         rows["with" if recompute else "without"] = {
-            "s": seconds,
-            "activation_mb": measure_activation_bytes(model, tokens) / 1e6,
+            "s": worker["s"],
+            "peak_mb": worker["peak_bytes"] / 1e6,
+            "activation_mb": saved / 1e6,
         }
     return rows
 
@@ -189,7 +190,12 @@ def compiled_layers(shape: dict) -> dict:
     return {"eager_s": eager, "compiled_s": compiled, "speedup": eager / compiled}
 
 
-def _tp_worker(rank, world, init_file, shape, out_file, keep_freed=True):
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _tp_worker(rank, world, init_file, shape, out_file, keep_freed=True, recompute=False):
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))  # the same total cores at every TP degree
     if keep_freed:  # as the framework's CPU workers do; otherwise glibc's defaults
         keep_freed_cpu_memory()
@@ -197,9 +203,12 @@ def _tp_worker(rank, world, init_file, shape, out_file, keep_freed=True):
     grid = state.initialize(world)
     random.seed(0, grid.tp.rank)
     cfg, tokens = _model_config(shape), _batch(shape)
-    model = GPTModel(cfg)
+    model = GPTModel(cfg, activation_checkpointing=recompute)
     optimizer = build_optimizer(model, OptimizerConfig(lr=1e-4))
+    weights = _resident_bytes()
     seconds = _seconds_per_step(lambda: _step_framework(model, optimizer, tokens, grid), shape["steps"])
+    # the high-water mark of resident memory, above the weights: gradients, Adam's moments and the step's peak
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - weights
     calls = []
     original = dist.all_reduce
 
@@ -211,7 +220,7 @@ def _tp_worker(rank, world, init_file, shape, out_file, keep_freed=True):
     _step_framework(model, optimizer, tokens, grid)
     dist.all_reduce = original
     if rank == 0:
-        torch.save({"s": seconds, "all_reduces": len(calls), "bytes": sum(calls)}, out_file)
+        torch.save({"s": seconds, "all_reduces": len(calls), "bytes": sum(calls), "peak_bytes": peak}, out_file)
     dist.barrier()
     state.destroy()
 
@@ -226,11 +235,11 @@ def analytic_all_reduces(shape: dict) -> tuple[int, int]:
     return count, total
 
 
-def _run_workers(shape: dict, tp: int, keep_freed: bool = True) -> dict:
+def _run_workers(shape: dict, tp: int, keep_freed: bool = True, recompute: bool = False) -> dict:
     """One fresh group of `tp` processes timing the framework's step; rank 0's measurements."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.pt"
-        args = (tp, f"{tmp}/rendezvous", shape, out, keep_freed)
+        args = (tp, f"{tmp}/rendezvous", shape, out, keep_freed, recompute)
         mp.start_processes(_tp_worker, args=args, nprocs=tp, start_method="spawn")
         return torch.load(out)
 
@@ -314,8 +323,8 @@ def main() -> None:
         f"max {plain['ratio_max']:.3f}, {shape['repeats']} alternating pairs) |",
     ]
     for key, row in recompute.items():
-        lines.append(f"| activation checkpointing {key} | {row['s'] * 1e3:.0f} ms, {row['activation_mb']:.1f} MB "
-                     "saved for backward |")  # fmt: skip
+        lines.append(f"| activation checkpointing {key} | {row['s'] * 1e3:.0f} ms, peak {row['peak_mb']:.0f} MB above "
+                     f"the weights, {row['activation_mb']:.1f} MB saved for backward |")  # fmt: skip
     lines.append(
         f"| torch.compile of each layer (train.compile) | {compiled['compiled_s'] * 1e3:.0f} ms vs "
         f"{compiled['eager_s'] * 1e3:.0f} ms eager: {compiled['speedup']:.2f}x |"

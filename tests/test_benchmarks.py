@@ -24,6 +24,7 @@ def test_cpu_benchmark_quick_run_reports_every_measurement(tmp_path):
         results["activation_checkpointing"]["with"]["activation_mb"]
         < results["activation_checkpointing"]["without"]["activation_mb"]
     )
+    assert all(row["peak_mb"] > 0 for row in results["activation_checkpointing"].values())
     tp2, analytic = results["tp_scaling"]["2"], results["analytic_all_reduces_per_step"]
     assert (tp2["all_reduces"], tp2["bytes"]) == (analytic["count"], analytic["bytes"])  # exactly the paper's
     assert "| framework / plain throughput |" in done.stdout

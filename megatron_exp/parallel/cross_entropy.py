@@ -26,8 +26,8 @@ def _masked_logits(logits: torch.Tensor, vocab_size: int, tp: Group) -> tuple[to
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
-    """Few passes over the [tokens, vocab / tp] logits: a max, one subtraction into a new buffer, exp in place and
-    a sum; backward scales that buffer in place into the gradient."""
+    """Few passes over the [tokens, vocab / tp] logits: a max, one subtraction into a new buffer (into the fp32 copy
+    when the logits are bf16/fp16), exp in place and a sum; backward scales that buffer in place into the gradient."""
 
     @staticmethod
     def forward(ctx, logits, target, vocab_size, tp):
@@ -43,7 +43,9 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         local_target = local_target.masked_fill(~in_range, 0)
         target_logit = x.gather(-1, local_target.unsqueeze(-1)).squeeze(-1).sub_(row_max).masked_fill_(~in_range, 0)
 
-        exp = torch.sub(x, row_max.unsqueeze(-1)).exp_()
+        # low-precision logits were copied to fp32 above: that copy is ours to overwrite (on GPU, the largest buffer)
+        shifted = x.sub_(row_max.unsqueeze(-1)) if x is not logits else torch.sub(x, row_max.unsqueeze(-1))
+        exp = shifted.exp_()
         exp[..., real:] = 0.0  # padding columns take no probability
         sums = all_reduce_(torch.stack([target_logit, exp.sum(dim=-1)]), tp)
         target_logit, sum_exp = sums[0], sums[1]

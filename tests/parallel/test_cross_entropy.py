@@ -57,13 +57,18 @@ def test_fp32_and_bf16_logits_give_fp32_loss_and_gradients_of_the_input_dtype():
     tp = state.current().tp
     for dtype in (torch.float32, torch.bfloat16):
         logits = torch.randn(4, 256, dtype=dtype, requires_grad=True)
+        original = logits.detach().clone()
         target = torch.randint(0, 200, (4,))
         loss = vocab_parallel_cross_entropy(logits, target, 200, tp)
         assert loss.dtype == torch.float32
-        ref = F.cross_entropy(logits[:, :200].float(), target, reduction="none")
+        reference_logits = logits.detach()[:, :200].float().requires_grad_()
+        ref = F.cross_entropy(reference_logits, target, reduction="none")
         torch.testing.assert_close(loss, ref)
         loss.sum().backward()
+        ref.sum().backward()
         assert logits.grad.dtype == dtype and torch.all(logits.grad[:, 200:] == 0)
+        torch.testing.assert_close(logits.grad[:, :200], reference_logits.grad.to(dtype))
+        assert torch.equal(logits.detach(), original), "the caller's logits are left as they were"
 
 
 def test_argmax_ties_go_to_the_lowest_id():
