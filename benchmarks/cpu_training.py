@@ -178,8 +178,7 @@ def compiled_layers(shape: dict) -> dict:
     cfg, tokens = _model_config(shape), _batch(shape)
     random.seed(0, 0)
     models = {"eager": GPTModel(cfg, seed=1), "compiled": GPTModel(cfg, seed=1)}
-    for layer in models["compiled"].layers:
-        layer.compile()
+    models["compiled"].compile_layers()
     optimizers = {name: build_optimizer(m, OptimizerConfig(lr=1e-4)) for name, m in models.items()}
     times = {name: [] for name in models}
     for _ in range(shape["repeats"]):

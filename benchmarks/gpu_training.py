@@ -61,15 +61,16 @@ def measure(cfg: ModelConfig, device, micro_batch: int, recompute: bool, compile
     random.seed(0, 0, device)
     with torch.device(device):
         model = GPTModel(cfg, activation_checkpointing=recompute)
+    if compiled:
+        model.compile_layers()  # as train.compile=true does
     optimizer = build_optimizer(model, OptimizerConfig(lr=1e-5))
-    forward = torch.compile(model) if compiled else model
     dtype = AUTOCAST_DTYPES.get(precision)
     tokens = torch.randint(0, cfg.vocab_size, (micro_batch, cfg.seq_len + 1), device=device)
     parameters = list(model.parameters())
 
     def step():
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            logits = forward(tokens[:, :-1])
+            logits = model(tokens[:, :-1])
         model.loss(logits, tokens[:, 1:]).backward()
         clip_gradients_(parameters, 1.0, state.SERIAL)
         optimizer.step()
@@ -109,9 +110,12 @@ def main() -> None:
     for micro, recompute, compiled in itertools.product(
         [int(m) for m in args.micro_batches.split(",")], choices[args.recompute], choices[args.compile]
     ):
+        torch._dynamo.reset()  # each row compiles afresh; no cache of the previous model stays alive
         try:
             seconds, memory = measure(cfg, device, micro, recompute, compiled, args.precision, args.steps)
         except torch.OutOfMemoryError:
+            seconds = None
+        if seconds is None:  # outside the handler, so that the failed step's tensors are already released
             torch.cuda.empty_cache()
             rows.append({"micro_batch": micro, "recompute": recompute, "compile": compiled, "error": "out of memory"})
             continue

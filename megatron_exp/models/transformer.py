@@ -106,6 +106,12 @@ class TransformerModel(nn.Module):
         norm = nn.LayerNorm(cfg.hidden, eps=cfg.layernorm_eps)
         self.final_norm, self.embedding_norm = (norm, None) if cfg.layernorm == "pre" else (None, norm)
 
+    def compile_layers(self) -> None:
+        """torch.compile each transformer layer in place (`train.compile`): parameter names, and so checkpoints,
+        stay the same, and the embeddings and loss stay eager."""
+        for layer in self.layers:
+            layer.compile()
+
     def finish_init(self, seed: int) -> None:
         if not self.position_embedding.is_meta:
             self.init_weights(seed)

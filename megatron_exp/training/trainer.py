@@ -79,8 +79,7 @@ class Trainer:
             recompute, seed = par.activation_checkpointing, cfg.train.seed
             self.model = build_model(cfg.model, activation_checkpointing=recompute, seed=seed)
         if cfg.train.compile:
-            for layer in self.model.layers:
-                layer.compile()  # in place: parameter names and checkpoints stay the same
+            self.model.compile_layers()
         self.forward_model = self.model
         if grid.dp.size > 1:  # bucketed gradient all-reduce over the DP group, overlapped with backward
             device_ids = [self.device.index] if self.device.type == "cuda" else None
