@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import sys
 import tempfile
@@ -158,16 +157,21 @@ def compare_with_plain(shape: dict) -> dict:
 
 
 def activation_checkpointing(shape: dict) -> dict:
-    """Step time and peak memory (fresh TP=1 processes) and the bytes autograd keeps, without and with."""
+    """Step time and peak memory without and with (fresh TP=1 processes, alternating; medians, as the peak
+    moves by ~10% from process to process), and the bytes autograd keeps for backward."""
     cfg, tokens = _model_config(shape), _batch(shape)
+    runs = {False: [], True: []}
+    for _ in range(shape["repeats"]):
+        for recompute in runs:
+            runs[recompute].append(_run_workers(shape, 1, recompute=recompute))
     rows = {}
-    for recompute in (False, True):
-        worker = _run_workers(shape, 1, recompute=recompute)
+    for recompute, results in runs.items():
         random.seed(0, 0)
         saved = measure_activation_bytes(GPTModel(cfg, activation_checkpointing=recompute), tokens)
         rows["with" if recompute else "without"] = {
-            "s": worker["s"],
-            "peak_mb": worker["peak_bytes"] / 1e6,
+            "s": statistics.median(r["s"] for r in results),
+            "peak_mb": statistics.median(r["peak_bytes"] for r in results) / 1e6,
+            "peak_mb_range": [min(r["peak_bytes"] for r in results) / 1e6, max(r["peak_bytes"] for r in results) / 1e6],
             "activation_mb": saved / 1e6,
         }
     return rows
@@ -189,9 +193,12 @@ def compiled_layers(shape: dict) -> dict:
     return {"eager_s": eager, "compiled_s": compiled, "speedup": eager / compiled}
 
 
-def _resident_bytes() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def _memory_status(field: str) -> int:
+    """VmRSS (resident now) or VmHWM (its high-water mark, this process's own: ru_maxrss would count the
+    spawning parent's size too) in bytes."""
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
 
 
 def _tp_worker(rank, world, init_file, shape, out_file, keep_freed=True, recompute=False):
@@ -204,10 +211,10 @@ def _tp_worker(rank, world, init_file, shape, out_file, keep_freed=True, recompu
     cfg, tokens = _model_config(shape), _batch(shape)
     model = GPTModel(cfg, activation_checkpointing=recompute)
     optimizer = build_optimizer(model, OptimizerConfig(lr=1e-4))
-    weights = _resident_bytes()
+    weights = _memory_status("VmRSS")
     seconds = _seconds_per_step(lambda: _step_framework(model, optimizer, tokens, grid), shape["steps"])
     # the high-water mark of resident memory, above the weights: gradients, Adam's moments and the step's peak
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - weights
+    peak = _memory_status("VmHWM") - weights
     calls = []
     original = dist.all_reduce
 
