@@ -68,33 +68,44 @@ def clip_gradients_(parameters: list[nn.Parameter], max_norm: float, grid: Proce
 
 
 class DynamicLossScaler:
-    """fp16 loss scaling: halve the scale and skip the step on overflow; double it after `growth_interval` clean
-    steps. The overflow decision is all-reduced so every rank skips the same steps."""
+    """fp16 loss scaling without host syncs: the scale, the count of clean steps and the overflow flag stay on the
+    device. On overflow (on any rank) the optimizer skips its update and the scale halves; after
+    `growth_interval` clean steps in a row it doubles. Only logging and checkpoints read the scale back."""
 
-    def __init__(self, initial_scale: float = 2.0**16, growth_interval: int = 1000, min_scale: float = 1.0):
-        self.scale, self.growth_interval, self.min_scale = initial_scale, growth_interval, min_scale
-        self.clean_steps = 0
+    def __init__(
+        self,
+        device: torch.device | str = "cpu",
+        initial_scale: float = 2.0**16,
+        growth_interval: int = 1000,
+        min_scale: float = 1.0,
+    ):
+        self.scale = torch.tensor(initial_scale, dtype=torch.float32, device=device)
+        self.clean_steps = torch.zeros((), dtype=torch.int32, device=device)
+        self.growth_interval, self.min_scale = growth_interval, min_scale
 
-    def unscale_and_check(self, parameters: list[nn.Parameter]) -> bool:
-        """Divide gradients by the scale; True when some rank's gradients overflowed (the step must be skipped)."""
+    def unscale_(self, parameters: list[nn.Parameter]) -> torch.Tensor:
+        """Divide the gradients by the scale (one fused pass that also looks for inf/nan); returns the overflow
+        flag, 1.0 where some rank's gradients overflowed, else 0.0, as a device tensor."""
         grads = [p.grad for p in parameters if p.grad is not None]
-        torch._foreach_mul_(grads, 1.0 / self.scale)
-        overflow = torch.stack([(~torch.isfinite(g)).any() for g in grads]).any().float()
+        found_inf = torch.zeros((), dtype=torch.float32, device=self.scale.device)
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, self.scale.reciprocal())
         if dist.is_initialized():
-            dist.all_reduce(overflow, op=dist.ReduceOp.MAX)
-        return bool(overflow.item())
+            dist.all_reduce(found_inf, op=dist.ReduceOp.MAX)
+        return found_inf
 
-    def update(self, overflow: bool) -> None:
-        if overflow:
-            self.scale = max(self.min_scale, self.scale / 2)
-            self.clean_steps = 0
-        else:
-            self.clean_steps += 1
-            if self.clean_steps % self.growth_interval == 0:
-                self.scale *= 2
+    def step(self, optimizer: torch.optim.Optimizer, found_inf: torch.Tensor) -> None:
+        """The optimizer's update, skipped inside its fused kernel where `found_inf` is set; then the new scale."""
+        optimizer.found_inf = found_inf  # read by the fused Adam kernel, as torch.amp.GradScaler does
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+        torch._amp_update_scale_(self.scale, self.clean_steps, found_inf, 2.0, 0.5, self.growth_interval)
+        self.scale.clamp_(min=self.min_scale)
 
     def state_dict(self) -> dict:
-        return {"scale": self.scale, "clean_steps": self.clean_steps}
+        return {"scale": self.scale.item(), "clean_steps": int(self.clean_steps.item())}
 
     def load_state_dict(self, state: dict) -> None:
-        self.scale, self.clean_steps = state["scale"], state["clean_steps"]
+        self.scale.fill_(state["scale"])
+        self.clean_steps.fill_(state["clean_steps"] % self.growth_interval)

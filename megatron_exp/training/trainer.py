@@ -86,7 +86,7 @@ class Trainer:
             self.forward_model = DistributedDataParallel(self.model, device_ids, process_group=grid.dp.handle)
         self.parameters = list(self.model.parameters())
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
-        self.scaler = DynamicLossScaler() if cfg.hardware.precision == "fp16" else None
+        self.scaler = DynamicLossScaler(self.device) if cfg.hardware.precision == "fp16" else None
         dtype = AUTOCAST_DTYPES.get(cfg.hardware.precision)
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=dtype)) if dtype else nullcontext
 
@@ -170,8 +170,9 @@ class Trainer:
             stacked /= self.grid.dp.size
         return stacked.tolist()
 
-    def train_step(self, iteration: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """One optimizer step (iteration counts from 1); returns the mean loss, grad norm and whether skipped."""
+    def train_step(self, iteration: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One optimizer step (iteration counts from 1), with no host sync; returns the mean loss, the grad norm and
+        1.0 if fp16 overflow skipped the step, else 0.0, all on the device."""
         lr = learning_rate(self.cfg.optimizer, iteration, self.cfg.train.iterations)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -186,14 +187,12 @@ class Trainer:
                 loss = self.model.loss(outputs, **targets) / self.accumulation
                 (loss * self.scaler.scale if self.scaler else loss).backward()
             loss_sum += loss.detach()
-        skipped = self.scaler.unscale_and_check(self.parameters) if self.scaler else False
-        if skipped:
-            norm = torch.full((), float("nan"), device=self.device)
-        else:
-            norm = clip_gradients_(self.parameters, self.cfg.optimizer.clip_grad, self.grid)
-            self.optimizer.step()
+        skipped = self.scaler.unscale_(self.parameters) if self.scaler else torch.zeros((), device=self.device)
+        norm = clip_gradients_(self.parameters, self.cfg.optimizer.clip_grad, self.grid)
         if self.scaler:
-            self.scaler.update(skipped)
+            self.scaler.step(self.optimizer, skipped)
+        else:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss_sum, norm, skipped
 
@@ -226,7 +225,7 @@ class Trainer:
             record[f"{split}/ppl"] = math.exp(min(lm_loss, 700.0))
         return record
 
-    def _train_record(self, iteration: int, steps: int, loss: float, norm: float, skipped: int, seconds: float):
+    def _train_record(self, iteration: int, steps: int, loss: float, norm: float, skipped: float, seconds: float):
         cfg = self.cfg
         step_time = seconds / steps
         world = self.grid.world_size
@@ -235,7 +234,7 @@ class Trainer:
             "train/loss": loss,
             "train/lr": learning_rate(cfg.optimizer, iteration, cfg.train.iterations),
             "train/grad_norm": norm,
-            "train/skipped_steps": skipped,
+            "train/skipped_steps": round(skipped),
             "perf/step_time_s": step_time,
             "perf/tokens_per_s": cfg.parallel.global_batch * self.seq_len / step_time,
             "perf/tflops_per_device": self.model_flops / step_time / world / 1e12,
@@ -244,7 +243,7 @@ class Trainer:
         if cfg.model.arch == "gpt":  # BERT's training loss adds the SOP loss: its perplexity means nothing
             record["train/ppl"] = math.exp(min(loss, 700.0))
         if self.scaler:
-            record["train/loss_scale"] = self.scaler.scale
+            record["train/loss_scale"] = self.scaler.scale.item()
         if cfg.hardware.peak_tflops:
             peak = cfg.hardware.peak_tflops
             record["perf/mfu"] = flops.utilization(self.model_flops, step_time, world, peak)
@@ -254,20 +253,20 @@ class Trainer:
     def run(self) -> dict:
         cfg = self.cfg
         loss_window = torch.zeros((), device=self.device)
-        norm_window = torch.zeros((), device=self.device)
-        steps = skipped = 0
+        norm_window = torch.zeros((), device=self.device)  # over the steps taken (a skipped step's norm is inf/nan)
+        skipped_window = torch.zeros((), device=self.device)
+        steps = 0
         window_start = time.perf_counter()
         record = {}
         for iteration in range(self.start_iteration + 1, cfg.train.iterations + 1):
-            loss, norm, was_skipped = self.train_step(iteration)
+            loss, norm, skipped = self.train_step(iteration)
             steps += 1
-            skipped += was_skipped
             loss_window += loss
-            if not was_skipped:
-                norm_window += norm
+            norm_window += torch.where(skipped > 0, 0.0, norm)
+            skipped_window += skipped
             last = iteration == cfg.train.iterations
             if iteration % cfg.train.log_interval == 0 or last:
-                mean_loss, sum_norm = self._dp_mean([loss_window / steps, norm_window])
+                mean_loss, sum_norm, skipped = self._dp_mean([loss_window / steps, norm_window, skipped_window])
                 if not math.isfinite(mean_loss):
                     raise TrainingDiverged(
                         f"loss became {mean_loss} within iterations {iteration - steps + 1}-{iteration}: lower "
@@ -278,9 +277,9 @@ class Trainer:
                 record = self._train_record(iteration, steps, mean_loss, mean_norm, skipped, seconds)
                 if self.sinks:
                     self.sinks.log(record)
-                loss_window.zero_()
-                norm_window.zero_()
-                steps = skipped = 0
+                for window in (loss_window, norm_window, skipped_window):
+                    window.zero_()
+                steps = 0
                 window_start = time.perf_counter()
             if last or (cfg.train.eval_interval and iteration % cfg.train.eval_interval == 0):
                 eval_start = time.perf_counter()

@@ -74,17 +74,27 @@ def test_clipping_is_a_no_op_below_the_threshold_and_at_zero():
 
 def test_loss_scaler_skips_and_halves_on_overflow_and_grows_after_clean_steps():
     p = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.AdamW([p], lr=0.1, weight_decay=0.1, fused=True)
     scaler = DynamicLossScaler(initial_scale=8.0, growth_interval=2)
     p.grad = torch.tensor([8.0, 16.0, 24.0])
-    assert scaler.unscale_and_check([p]) is False
-    assert torch.equal(p.grad, torch.tensor([1.0, 2.0, 3.0]))
-    scaler.update(False)
-    scaler.update(False)
-    assert scaler.scale == 16.0
+    found_inf = scaler.unscale_([p])
+    assert found_inf.item() == 0.0 and torch.equal(p.grad, torch.tensor([1.0, 2.0, 3.0]))
+    scaler.step(optimizer, found_inf)
+    assert scaler.scale.item() == 8.0 and not torch.equal(p.detach(), torch.ones(3))  # a step was taken
+    p.grad = torch.tensor([8.0, 8.0, 8.0])
+    scaler.step(optimizer, scaler.unscale_([p]))
+    assert scaler.scale.item() == 16.0  # two clean steps in a row
+    taken, moments = p.detach().clone(), optimizer.state[p]["exp_avg"].clone()
     p.grad = torch.tensor([1.0, math.inf, 0.0])
-    assert scaler.unscale_and_check([p]) is True
-    scaler.update(True)
-    assert scaler.scale == 8.0 and scaler.clean_steps == 0
+    found_inf = scaler.unscale_([p])
+    assert found_inf.item() == 1.0
+    scaler.step(optimizer, found_inf)
+    assert torch.equal(p.detach(), taken) and torch.equal(optimizer.state[p]["exp_avg"], moments)  # skipped
+    assert optimizer.state[p]["step"].item() == 2 and not hasattr(optimizer, "found_inf")
+    assert scaler.state_dict() == {"scale": 8.0, "clean_steps": 0}
+    scaler.scale.fill_(1.0)
+    scaler.step(optimizer, torch.ones(()))
+    assert scaler.scale.item() == 1.0  # never below min_scale
     restored = DynamicLossScaler()
-    restored.load_state_dict(scaler.state_dict())
-    assert restored.state_dict() == {"scale": 8.0, "clean_steps": 0}
+    restored.load_state_dict({"scale": 8.0, "clean_steps": 1})
+    assert restored.state_dict() == {"scale": 8.0, "clean_steps": 1}

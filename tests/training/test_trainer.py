@@ -1,19 +1,23 @@
 """The trainer in this process on the serial grid: accumulation, precision and failure paths, fast."""
 
+import functools
 import json
 
 import pytest
+import torch
 
 from megatron_exp import preflight
 from megatron_exp.data import token_store
 from megatron_exp.parallel import state
 from megatron_exp.training import flops
+from megatron_exp.training import trainer as trainer_module
 from megatron_exp.training.metrics import wandb_settings
+from megatron_exp.training.optim import DynamicLossScaler
 from megatron_exp.training.trainer import Trainer, TrainingDiverged
 from tests.conftest import compose_config
 
 
-def run(tmp_path, cache: str, *overrides: str) -> tuple[list[dict], dict]:
+def _trainer(tmp_path, cache: str, *overrides: str) -> Trainer:
     cfg = compose_config(
         [
             "model=gpt_tiny",
@@ -35,7 +39,11 @@ def run(tmp_path, cache: str, *overrides: str) -> tuple[list[dict], dict]:
     token_store.prepare(cfg.data)
     tmp_path.mkdir(parents=True, exist_ok=True)
     cfg.run_dir = str(tmp_path)
-    final = Trainer(cfg, state.SERIAL).run()
+    return Trainer(cfg, state.SERIAL)
+
+
+def run(tmp_path, cache: str, *overrides: str) -> tuple[list[dict], dict]:
+    final = _trainer(tmp_path, cache, *overrides).run()
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     return [r for r in records if "train/loss" in r], final
 
@@ -73,6 +81,29 @@ def test_mixed_precision_paths_run(tmp_path, shared_cache, precision):
         assert records[-1]["train/loss_scale"] == 2.0**16  # dynamic loss scaling, no overflow at this size
     else:
         assert "train/loss_scale" not in records[-1]
+
+
+def test_fp16_overflow_skips_the_step_and_halves_the_scale_until_steps_fit(tmp_path, shared_cache, monkeypatch):
+    start = 2.0**30  # far too large: the fp16 gradients overflow until the scale has come down
+    monkeypatch.setattr(trainer_module, "DynamicLossScaler", functools.partial(DynamicLossScaler, initial_scale=start))
+    records, _ = run(tmp_path, shared_cache, "hardware.precision=fp16", "train.iterations=20")
+    skipped = [r["train/skipped_steps"] for r in records]
+    assert skipped[:5] == [1] * 5 and skipped[-1] == 0 and set(skipped) == {0, 1}
+    assert [r["train/loss_scale"] for r in records] == [start / 2 ** sum(skipped[: i + 1]) for i in range(20)]
+    assert all(r["train/grad_norm"] == 0 for r, s in zip(records, skipped, strict=True) if s)  # no step, no norm
+    assert all(0 < r["train/grad_norm"] < 100 for r, s in zip(records, skipped, strict=True) if not s)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_a_gpu_training_step_never_waits_for_the_device(tmp_path, shared_cache, precision):
+    trainer = _trainer(tmp_path, shared_cache, f"hardware.precision={precision}")
+    trainer.train_step(1)  # the first step creates the optimizer's state
+    torch.cuda.set_sync_debug_mode("error")  # raises at any call that waits for the GPU
+    try:
+        trainer.train_step(2)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def test_a_non_finite_loss_stops_the_run_with_advice(tmp_path, shared_cache):
