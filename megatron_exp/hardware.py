@@ -50,7 +50,7 @@ def keep_freed_cpu_memory() -> bool:
 
     By default glibc maps large blocks (above a threshold that adapts up to 32 MiB: the logits, many activations)
     afresh, unmaps them on free and trims the heap, so each training step page-faults much of its working set in
-    again (at the benchmark's shape, ~1.6M faults in a 16-step process; ~0.4M with this, nearly all while the
+    again (at the benchmark's shape, ~1.6M faults in a 15-step process; ~0.4M with this, nearly all while the
     first two steps grow the heap). Serving every block from the heap and never trimming it lets steps reuse warm
     pages (benchmarks/cpu_training.py measures the gain) at about the same peak resident memory. For CPU
     training processes, which allocate the same blocks every step.
