@@ -27,13 +27,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from megatron_exp.config import ModelConfig, OptimizerConfig  # noqa: E402
-from megatron_exp.hardware import GPU_PEAK_TFLOPS, measure_cpu_matmul_tflops  # noqa: E402
+from megatron_exp.hardware import AUTOCAST_DTYPES, GPU_PEAK_TFLOPS, measure_cpu_matmul_tflops  # noqa: E402
 from megatron_exp.models.gpt import GPTModel  # noqa: E402
 from megatron_exp.parallel import random, state  # noqa: E402
 from megatron_exp.parallel.sharding import padded_vocab_size  # noqa: E402
 from megatron_exp.training.flops import model_flops  # noqa: E402
 from megatron_exp.training.optim import build_optimizer, clip_gradients_  # noqa: E402
-from megatron_exp.training.trainer import AUTOCAST_DTYPES  # noqa: E402
 
 
 def preset(name: str) -> ModelConfig:

@@ -15,6 +15,9 @@ import torch
 
 from megatron_exp.config import HardwareConfig
 
+# hardware.precision -> the autocast dtype (fp32 runs without autocast).
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
 # Dense bf16/fp16 TFLOP/s by a substring of torch.cuda.get_device_name(); the first match wins.
 GPU_PEAK_TFLOPS = [("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("A100", 312.0), ("V100", 125.0)]
 

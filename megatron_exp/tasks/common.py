@@ -24,7 +24,7 @@ from megatron_exp.models.gpt import GPTModel
 from megatron_exp.parallel import state
 from megatron_exp.training import checkpoint
 from megatron_exp.training.metrics import publish, wandb_settings
-from megatron_exp.training.trainer import AUTOCAST_DTYPES, device_of
+from megatron_exp.training.trainer import device_of
 
 log = logging.getLogger("megatron_exp.tasks")
 
@@ -130,7 +130,7 @@ def run_worker(payload: dict, evaluate: Callable) -> dict | None:
     try:
         directory = Path(payload["checkpoint"])
         model = load_model(directory, grid.tp, device_of(cfg.hardware))
-        dtype = AUTOCAST_DTYPES.get(cfg.hardware.precision)
+        dtype = hardware.AUTOCAST_DTYPES.get(cfg.hardware.precision)
         autocast = (lambda: torch.autocast(model.embedding.weight.device.type, dtype=dtype)) if dtype else nullcontext
         results = evaluate(model, cfg.task, payload["inputs"], autocast, progress=grid.rank == 0)
         launch.finish_worker()

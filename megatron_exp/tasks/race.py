@@ -41,7 +41,7 @@ from megatron_exp.tasks.common import load_tokenizer
 from megatron_exp.training import checkpoint, flops
 from megatron_exp.training.metrics import MetricSinks, wandb_settings
 from megatron_exp.training.optim import build_optimizer, clip_gradients_, learning_rate
-from megatron_exp.training.trainer import AUTOCAST_DTYPES, device_of
+from megatron_exp.training.trainer import device_of
 
 log = logging.getLogger("megatron_exp.tasks.race")
 
@@ -176,7 +176,7 @@ class FineTuning:
         checkpoint.load_into(self.model.bert, encoder, directory, "model")  # the pretraining heads stay behind
         self.parameters = list(self.model.parameters())
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
-        dtype = AUTOCAST_DTYPES.get(cfg.hardware.precision)
+        dtype = hardware.AUTOCAST_DTYPES.get(cfg.hardware.precision)
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=dtype)) if dtype else nullcontext
         self.splits = {split: dict(np.load(path)) for split, path in inputs.items()}
         par = cfg.parallel

@@ -19,6 +19,7 @@ from megatron_exp.config import Config, HardwareConfig, typed
 from megatron_exp.data import token_store
 from megatron_exp.data.bert_dataset import BERTSamples, Vocabulary
 from megatron_exp.data.gpt_dataset import GPTSamples, micro_batch_positions
+from megatron_exp.hardware import AUTOCAST_DTYPES
 from megatron_exp.models import build_model
 from megatron_exp.parallel import random, state
 from megatron_exp.parallel.mappings import all_reduce_
@@ -28,8 +29,6 @@ from megatron_exp.training.metrics import MetricSinks, wandb_settings
 from megatron_exp.training.optim import DynamicLossScaler, build_optimizer, clip_gradients_, learning_rate
 
 log = logging.getLogger(__name__)
-
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class TrainingDiverged(RuntimeError):
