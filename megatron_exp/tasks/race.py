@@ -40,7 +40,7 @@ from megatron_exp.parallel import random, state
 from megatron_exp.tasks.common import load_tokenizer
 from megatron_exp.training import checkpoint, flops
 from megatron_exp.training.metrics import MetricSinks, wandb_settings
-from megatron_exp.training.optim import build_optimizer, clip_gradients_, learning_rate
+from megatron_exp.training.optim import DynamicLossScaler, build_optimizer, learning_rate, optimizer_step
 from megatron_exp.training.trainer import device_of
 
 log = logging.getLogger("megatron_exp.tasks.race")
@@ -178,6 +178,7 @@ class FineTuning:
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
         dtype = hardware.AUTOCAST_DTYPES.get(cfg.hardware.precision)
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=dtype)) if dtype else nullcontext
+        self.scaler = DynamicLossScaler(self.device) if cfg.hardware.precision == "fp16" else None
         self.splits = {split: dict(np.load(path)) for split, path in inputs.items()}
         par = cfg.parallel
         self.steps_per_epoch = len(self.splits["train"]["answers"]) // par.global_batch
@@ -187,8 +188,8 @@ class FineTuning:
         self.sinks = MetricSinks(Path(cfg.run_dir), self.total_steps, wandb_settings(cfg)) if grid.rank == 0 else None
 
     def _step(self, step: int, rows: np.ndarray) -> torch.Tensor:
-        """One optimizer step on questions `rows`; returns [loss, accuracy, gradient norm] on the device, so the
-        step never waits for the host."""
+        """One optimizer step on questions `rows`; returns [loss, accuracy, gradient norm (0 if skipped), 1 if fp16
+        overflow skipped the step] on the device, so the step never waits for the host."""
         lr = learning_rate(self.cfg.optimizer, step, self.total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -200,13 +201,12 @@ class FineTuning:
                 scores = self.model(**model_inputs(self.splits["train"], batch, self.device))
             answers = torch.from_numpy(self.splits["train"]["answers"][batch]).to(self.device)
             loss = F.cross_entropy(scores.float(), answers, reduction="sum") / len(rows)
-            loss.backward()
+            (loss * self.scaler.scale if self.scaler else loss).backward()
             loss_sum += loss.detach()
             correct += (scores.argmax(-1) == answers).sum()
-        norm = clip_gradients_(self.parameters, self.cfg.optimizer.clip_grad, self.grid)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return torch.stack([loss_sum, correct / len(rows), norm.float()])
+        clip = self.cfg.optimizer.clip_grad
+        norm, skipped = optimizer_step(self.optimizer, self.parameters, clip, self.grid, self.scaler)
+        return torch.stack([loss_sum, correct / len(rows), torch.where(skipped > 0, 0.0, norm.float()), skipped])
 
     @torch.no_grad()
     def evaluate(self, split: str) -> dict[str, float]:
@@ -236,7 +236,7 @@ class FineTuning:
                 cfg.task.epochs,
             )  # fmt: skip
         step, results = 0, {}
-        sums, steps, start = torch.zeros(3, device=self.device), 0, time.perf_counter()  # the logging window
+        sums, steps, start = torch.zeros(4, device=self.device), 0, time.perf_counter()  # the logging window
         for epoch in range(cfg.task.epochs):
             order = np.random.default_rng([cfg.seed, epoch]).permutation(len(self.splits["train"]["answers"]))
             for k in range(self.steps_per_epoch):
@@ -245,7 +245,7 @@ class FineTuning:
                 steps += 1
                 if step % cfg.log_interval == 0 or k == self.steps_per_epoch - 1:
                     seconds = (time.perf_counter() - start) / steps
-                    self._log_train(step, [total / steps for total in sums.tolist()], seconds)
+                    self._log_train(step, steps, sums.tolist(), seconds)
                     sums, steps, start = sums.zero_(), 0, time.perf_counter()
             results = {"epoch": epoch + 1} | self.evaluate("dev") | self.evaluate("test")
             if self.sinks:
@@ -257,20 +257,22 @@ class FineTuning:
             self.sinks.close()
         return results
 
-    def _log_train(self, step: int, means: list[float], seconds: float) -> None:
-        """Log the window's mean [loss, accuracy, gradient norm] and `seconds` per step."""
+    def _log_train(self, step: int, steps: int, sums: list[float], seconds: float) -> None:
+        """Log the window's means over its `steps` (the gradient norm over the steps taken) and `seconds` per step."""
         par = self.cfg.parallel
-        loss, accuracy, grad_norm = means
+        loss, accuracy, grad_norm, skipped = sums
         record = {
             "iteration": step,
-            "train/loss": loss,
-            "train/accuracy": accuracy,
+            "train/loss": loss / steps,
+            "train/accuracy": accuracy / steps,
             "train/lr": learning_rate(self.cfg.optimizer, step, self.total_steps),
-            "train/grad_norm": grad_norm,
+            "train/grad_norm": grad_norm / max(1, steps - skipped),
             "perf/step_time_s": seconds,
             "perf/tokens_per_s": par.global_batch * OPTIONS * self.cfg.task.seq_len / seconds,
             "perf/tflops_per_device": self.flops / seconds / self.grid.world_size / 1e12,
         }
+        if self.scaler:
+            record |= {"train/skipped_steps": round(skipped), "train/loss_scale": self.scaler.scale.item()}
         peak = self.cfg.hardware.peak_tflops
         if peak:
             record["perf/mfu"] = flops.utilization(self.flops, seconds, self.grid.world_size, peak)

@@ -67,6 +67,25 @@ def clip_gradients_(parameters: list[nn.Parameter], max_norm: float, grid: Proce
     return norm
 
 
+def optimizer_step(
+    optimizer: torch.optim.Optimizer,
+    parameters: list[nn.Parameter],
+    clip_grad: float,
+    grid: ProcessGrid,
+    scaler: DynamicLossScaler | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unscale (fp16) and clip the gradients, step, zero them. Returns the gradient norm and 1.0 where an fp16
+    overflow skipped the step (else 0.0), both on the device: the step never waits for the host."""
+    skipped = scaler.unscale_(parameters) if scaler else torch.zeros((), device=parameters[0].device)
+    norm = clip_gradients_(parameters, clip_grad, grid)
+    if scaler:
+        scaler.step(optimizer, skipped)
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm, skipped
+
+
 class DynamicLossScaler:
     """fp16 loss scaling without host syncs: the scale, the count of clean steps and the overflow flag stay on the
     device. On overflow (on any rank) the optimizer skips its update and the scale halves; after

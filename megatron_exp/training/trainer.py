@@ -26,7 +26,7 @@ from megatron_exp.parallel.mappings import all_reduce_
 from megatron_exp.parallel.state import ProcessGrid
 from megatron_exp.training import checkpoint, flops
 from megatron_exp.training.metrics import MetricSinks, wandb_settings
-from megatron_exp.training.optim import DynamicLossScaler, build_optimizer, clip_gradients_, learning_rate
+from megatron_exp.training.optim import DynamicLossScaler, build_optimizer, learning_rate, optimizer_step
 
 log = logging.getLogger(__name__)
 
@@ -186,13 +186,9 @@ class Trainer:
                 loss = self.model.loss(outputs, **targets) / self.accumulation
                 (loss * self.scaler.scale if self.scaler else loss).backward()
             loss_sum += loss.detach()
-        skipped = self.scaler.unscale_(self.parameters) if self.scaler else torch.zeros((), device=self.device)
-        norm = clip_gradients_(self.parameters, self.cfg.optimizer.clip_grad, self.grid)
-        if self.scaler:
-            self.scaler.step(self.optimizer, skipped)
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        norm, skipped = optimizer_step(
+            self.optimizer, self.parameters, self.cfg.optimizer.clip_grad, self.grid, self.scaler
+        )
         return loss_sum, norm, skipped
 
     @torch.no_grad()

@@ -149,6 +149,16 @@ def test_pretrain_tiny_bert_then_fine_tune_on_race(tmp_path, shared_cache):
     assert "job_type: finetune" in (finetuned / "config.yaml").read_text()
     assert "dev acc" in done.stdout + done.stderr
 
+    # fp16 fine-tuning scales the loss (one epoch: fp16 autocast is slow on CPU)
+    fp16 = tmp_path / "finetuned-fp16"
+    done = evaluate("race", fp16, f"checkpoint={pretrained}", f"task.source={race}", "task.seq_len=64",
+                    "task.max_qa_len=24", "task.epochs=1", "optimizer.lr=3e-3", "hardware.precision=fp16",
+                    "parallel.micro_batch=4", "parallel.global_batch=8", "log_interval=4")  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    logged = [r for r in records(fp16) if "train/loss" in r]
+    assert len(logged) == 2 and all(r["train/loss_scale"] == 2.0**16 and r["train/skipped_steps"] == 0 for r in logged)
+    assert all(math.isfinite(r["train/loss"]) and r["train/grad_norm"] > 0 for r in logged)
+
 
 def test_post_ln_and_pre_ln_bert_both_train_and_differ(tmp_path, shared_cache):
     losses = {}
