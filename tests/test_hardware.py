@@ -38,18 +38,20 @@ from megatron_exp.hardware import keep_freed_cpu_memory
 if sys.argv[1] == "keep":
     assert keep_freed_cpu_memory()
 weight, x = torch.randn(1024, 4096, requires_grad=True), torch.randn(2048, 1024)
-for _ in range(6):  # a training-like step: 32 MiB blocks allocated and freed, the same ones each time
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for step in range(10):  # a training-like step: 32 MiB blocks allocated and freed, the same ones each time
+    if step == 2:  # after two warm-up steps
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     (x @ weight).relu().square().sum().backward()
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
-def test_keeping_freed_memory_stops_each_step_faulting_its_blocks_in_again():
-    def last_step_faults(mode):
+def test_keeping_freed_memory_stops_the_steps_faulting_their_blocks_in_again():
+    def faults(mode):
         done = subprocess.run([sys.executable, "-c", _STEP_FAULTS, mode], capture_output=True, text=True, check=True)
         return int(done.stdout.split()[-1])
 
-    assert last_step_faults("default") > 8192  # glibc maps the large blocks afresh every step
-    assert last_step_faults("keep") < 1000
+    default, keep = faults("default"), faults("keep")
+    assert default > 8 * 8192  # glibc maps the large blocks afresh: at least one 32 MiB block a step
+    assert keep < default / 4  # a few blocks while the heap settles, then none
