@@ -206,7 +206,7 @@ class FineTuning:
             correct += (scores.argmax(-1) == answers).sum()
         clip = self.cfg.optimizer.clip_grad
         norm, skipped = optimizer_step(self.optimizer, self.parameters, clip, self.grid, self.scaler)
-        return torch.stack([loss_sum, correct / len(rows), torch.where(skipped > 0, 0.0, norm.float()), skipped])
+        return torch.stack([loss_sum, correct / len(rows), norm, skipped])
 
     @torch.no_grad()
     def evaluate(self, split: str) -> dict[str, float]:

@@ -74,8 +74,9 @@ def optimizer_step(
     grid: ProcessGrid,
     scaler: DynamicLossScaler | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unscale (fp16) and clip the gradients, step, zero them. Returns the gradient norm and 1.0 where an fp16
-    overflow skipped the step (else 0.0), both on the device: the step never waits for the host."""
+    """Unscale (fp16) and clip the gradients, step, zero them. Returns the gradient norm (0.0 for a skipped step,
+    whose norm is inf/nan) and 1.0 where an fp16 overflow skipped the step (else 0.0), both on the device: the
+    step never waits for the host."""
     skipped = scaler.unscale_(parameters) if scaler else torch.zeros((), device=parameters[0].device)
     norm = clip_gradients_(parameters, clip_grad, grid)
     if scaler:
@@ -83,7 +84,7 @@ def optimizer_step(
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return norm, skipped
+    return torch.where(skipped > 0, 0.0, norm), skipped
 
 
 class DynamicLossScaler:

@@ -171,7 +171,7 @@ class Trainer:
 
     def train_step(self, iteration: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One optimizer step (iteration counts from 1), with no host sync; returns the mean loss, the grad norm and
-        1.0 if fp16 overflow skipped the step, else 0.0, all on the device."""
+        1.0 if fp16 overflow skipped the step (its norm then 0.0), else 0.0, all on the device."""
         lr = learning_rate(self.cfg.optimizer, iteration, self.cfg.train.iterations)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -248,7 +248,7 @@ class Trainer:
     def run(self) -> dict:
         cfg = self.cfg
         loss_window = torch.zeros((), device=self.device)
-        norm_window = torch.zeros((), device=self.device)  # over the steps taken (a skipped step's norm is inf/nan)
+        norm_window = torch.zeros((), device=self.device)  # over the steps taken (a skipped step adds 0)
         skipped_window = torch.zeros((), device=self.device)
         steps = 0
         window_start = time.perf_counter()
@@ -257,19 +257,19 @@ class Trainer:
             loss, norm, skipped = self.train_step(iteration)
             steps += 1
             loss_window += loss
-            norm_window += torch.where(skipped > 0, 0.0, norm)
+            norm_window += norm
             skipped_window += skipped
             last = iteration == cfg.train.iterations
             if iteration % cfg.train.log_interval == 0 or last:
-                mean_loss, sum_norm, skipped = self._dp_mean([loss_window / steps, norm_window, skipped_window])
+                mean_loss, sum_norm, skipped_steps = self._dp_mean([loss_window / steps, norm_window, skipped_window])
                 if not math.isfinite(mean_loss):
                     raise TrainingDiverged(
                         f"loss became {mean_loss} within iterations {iteration - steps + 1}-{iteration}: lower "
                         f"optimizer.lr (now {cfg.optimizer.lr}) or raise optimizer.warmup_iters; with fp16, try bf16"
                     )
                 seconds = time.perf_counter() - window_start
-                mean_norm = sum_norm / max(1, steps - skipped)
-                record = self._train_record(iteration, steps, mean_loss, mean_norm, skipped, seconds)
+                mean_norm = sum_norm / max(1, steps - skipped_steps)
+                record = self._train_record(iteration, steps, mean_loss, mean_norm, skipped_steps, seconds)
                 if self.sinks:
                     self.sinks.log(record)
                 for window in (loss_window, norm_window, skipped_window):
