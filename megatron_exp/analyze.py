@@ -15,16 +15,14 @@ import csv
 import json
 import logging
 import statistics
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 
-import hydra
 import matplotlib
 import yaml
-from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
+from megatron_exp import entry
+from megatron_exp.config import AnalyzeConfig, ConfigError, check_ranges
 from megatron_exp.training.metrics import publish
 
 matplotlib.use("Agg")  # files only, no display
@@ -36,17 +34,6 @@ log = logging.getLogger("megatron_exp.analyze")
 # speedups of the 1.2B model at batch 8 on 1/2/4/8 GPUs.
 PAPER_WEAK_EFFICIENCY = {1: 1.0, 8: 0.77}
 PAPER_STRONG_SPEEDUP = {1: 1.0, 2: 1.64, 4: 2.34, 8: 2.98}
-
-
-@dataclass
-class AnalyzeConfig:
-    sweep: str = "???"  # a multirun directory (outputs/multirun/<date>/<time>)
-    mode: str = "weak"  # weak: the model grows with TP (efficiency of TFLOP/s per device); strong: one model
-    wandb_mode: str = "offline"  # the table and plot as a W&B run (job_type=analysis) in the sweep's group
-    project: str = "megatron-exp"
-
-
-ConfigStore.instance().store(name="analyze_schema", node=AnalyzeConfig)
 
 
 def read_job(job: Path) -> dict:
@@ -156,17 +143,21 @@ def publish_to_wandb(cfg: AnalyzeConfig, rows: list[dict], sweep: Path) -> None:
     publish(kwargs, values)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="analyze")
-def main(raw: DictConfig) -> None:
-    sweep = Path(raw.sweep)
+def report(cfg: AnalyzeConfig) -> None:
+    check_ranges(cfg)
+    sweep = Path(cfg.sweep)
     if not sweep.is_dir():
-        log.error("error: sweep=%s is not a directory: give a multirun directory", sweep)
-        sys.exit(2)
-    rows = analyze(sweep, raw.mode)
-    outputs = write_outputs(rows, sweep, raw.mode)
-    publish_to_wandb(raw, rows, sweep)
+        raise ConfigError(f"sweep={sweep} is not a directory: give a multirun directory")
+    rows = analyze(sweep, cfg.mode)
+    outputs = write_outputs(rows, sweep, cfg.mode)
+    publish_to_wandb(cfg, rows, sweep)
     print((sweep / "scaling.md").read_text())
     log.info("wrote %s", ", ".join(map(str, outputs)))
+
+
+@entry.hydra_app("analyze")
+def main(raw: DictConfig) -> None:
+    entry.run_here(raw, AnalyzeConfig, report)
 
 
 if __name__ == "__main__":

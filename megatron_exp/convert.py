@@ -6,23 +6,19 @@ shards, convert or re-split, save. Weights only: the optimizer state does not tr
 from __future__ import annotations
 
 import logging
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
-import hydra
 import torch
-from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from megatron_exp.config import ConfigError, ConvertConfig, ModelConfig
+from megatron_exp import entry
+from megatron_exp.config import ConfigError, ConvertConfig, ModelConfig, check_ranges
 from megatron_exp.models import build_model, hf_gpt2
 from megatron_exp.parallel.sharding import shard_specs, split_state_dict
 from megatron_exp.training import checkpoint
 
 log = logging.getLogger("megatron_exp.convert")
-
-ConfigStore.instance().store(name="convert_schema", node=ConvertConfig)
 
 
 def _transformers():
@@ -48,6 +44,7 @@ def _load_source(source: str) -> tuple[dict, ModelConfig]:
 
 
 def convert(cfg: ConvertConfig) -> Path:
+    check_ranges(cfg)
     serial, model_cfg = _load_source(cfg.source)
     output = Path(cfg.output)
     if cfg.to == "hf":
@@ -59,8 +56,6 @@ def convert(cfg: ConvertConfig) -> Path:
         model.save_pretrained(output)
         log.info("saved a transformers GPT2LMHeadModel to %s", output)
         return output
-    if cfg.to != "megatron":
-        raise ConfigError(f"to={cfg.to} is unknown: megatron or hf")
     model_cfg.validate(cfg.tp)
     specs = shard_specs(_meta_model(model_cfg))
     shards = split_state_dict(serial, specs, cfg.tp)
@@ -75,13 +70,9 @@ def _meta_model(cfg: ModelConfig) -> torch.nn.Module:
         return build_model(cfg)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="convert")
+@entry.hydra_app("convert")
 def main(raw: DictConfig) -> None:
-    try:
-        convert(OmegaConf.to_object(raw))
-    except ConfigError as error:
-        log.error("error: %s", error)
-        sys.exit(2)
+    entry.run_here(raw, ConvertConfig, convert)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,10 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import resource
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
@@ -20,6 +23,25 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 # Dense bf16/fp16 TFLOP/s by a substring of torch.cuda.get_device_name(); the first match wins.
 GPU_PEAK_TFLOPS = [("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("A100", 312.0), ("V100", 125.0)]
+
+
+def device_of(hardware: HardwareConfig) -> torch.device:
+    """This process's device: its GPU (chosen when the process group started), or the CPU."""
+    if hardware.device == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def autocast(precision: str, device: torch.device) -> Callable[[], AbstractContextManager]:
+    """A context factory for the forward pass: autocast to bf16/fp16, or nothing for fp32."""
+    dtype = AUTOCAST_DTYPES.get(precision)
+    return (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kilobytes on Linux
 
 
 def cpu_memory_gb() -> float:

@@ -24,7 +24,7 @@ from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-from megatron_exp.config import HardwareConfig, ParallelConfig
+from megatron_exp.config import HardwareConfig, ParallelConfig, RunSpec
 from megatron_exp.hardware import keep_freed_cpu_memory
 from megatron_exp.parallel import state
 from megatron_exp.parallel.state import ProcessGrid
@@ -78,40 +78,51 @@ def _setup_worker_logging(rank: int) -> None:
 
 
 def start_worker(hardware: HardwareConfig, parallel: ParallelConfig) -> ProcessGrid:
-    """This rank's share of the machine (CPU threads, or its GPU), then the process grid."""
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    """This rank's share of the machine (CPU threads; its GPU is chosen where the process group starts), then the
+    process grid."""
     if hardware.device == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
         keep_freed_cpu_memory()
-    else:
-        torch.cuda.set_device(local_rank)
     timeout = timedelta(seconds=parallel.timeout_s)
     return state.initialize(parallel.tp, parallel.pp, backend=hardware.backend, timeout=timeout)
 
 
-def finish_worker() -> None:
-    """Tear down together (gloo can abort if a peer destroys its groups mid-exchange), then destroy the grid."""
-    dist.barrier()
-    state.destroy()
+def run_rank(work: Callable[[RunSpec, ProcessGrid], dict | None], spec: RunSpec) -> dict | None:
+    """One rank: the grid, `work(spec, grid)`, teardown together. Returns global rank 0's result, else None."""
+    cfg = spec.config
+    grid = start_worker(cfg.hardware, cfg.parallel)
+    try:
+        result = work(spec, grid)
+        dist.barrier()  # tear down together: gloo can abort if a peer destroys its groups mid-exchange
+        return result if grid.rank == 0 else None
+    finally:
+        state.destroy()
 
 
 @record
-def _spawned_worker(entry: Callable[[dict], dict], payload: dict) -> dict:
+def _spawned_worker(work: Callable[[RunSpec, ProcessGrid], dict | None], spec: RunSpec) -> dict | None:
     """A worker spawned by `spawn`; @record passes its exception back to the launcher."""
     rank = int(os.environ["RANK"])
     _setup_worker_logging(rank)
     # Every rank says where it runs, so a stuck or killed rank can be found (logs/<job>/attempt_0/<rank>/).
     print(f"[rank {rank}] pid {os.getpid()} on {socket.gethostname()}", flush=True)
-    return entry(payload)
+    return run_rank(work, spec)
+
+
+def run(spec: RunSpec, work: Callable[[RunSpec, ProcessGrid], dict | None]) -> dict | None:
+    """`work(spec, grid)` on every rank of the job: this process as one rank of its torchrun/SLURM job, or
+    `spec.workers` processes spawned on this node. Returns global rank 0's result (None on the other ranks)."""
+    if spec.joined:
+        return run_rank(work, spec)
+    return spawn(_spawned_worker, (work, spec), spec.workers, spec.run_dir)
 
 
 class WorkerFailed(RuntimeError):
     """A worker exited with an error; the message names the rank and carries its error."""
 
 
-def spawn(entry: Callable[[dict], dict], payload: dict, workers: int, run_dir: str | Path) -> dict:
-    """Run `entry(payload)` on `workers` processes of this node and wait for them; returns rank 0's result.
+def spawn(entry: Callable, args: tuple, workers: int, run_dir: str | Path):
+    """Run `entry(*args)` on `workers` processes of this node and wait for them; returns rank 0's result.
 
     `entry` must be a module-level function (it is pickled into each worker)."""
     logs = Path(run_dir) / "logs"
@@ -130,7 +141,7 @@ def spawn(entry: Callable[[dict], dict], payload: dict, workers: int, run_dir: s
     # The agent would dump each failed worker's traceback again; it is already on the console and in the logs.
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
     try:
-        results = elastic_launch(launch, _spawned_worker)(entry, payload)
+        results = elastic_launch(launch, entry)(*args)
     except ChildFailedError as failure:
         rank, first = failure.get_first_failure()
         message = first.message.get("message", "") if isinstance(first.message, dict) else first.message
@@ -142,10 +153,8 @@ def spawn(entry: Callable[[dict], dict], payload: dict, workers: int, run_dir: s
 
 def init_joined_job(hardware: HardwareConfig, parallel: ParallelConfig) -> None:
     """Join the torchrun job's default process group (needed before ranks can agree on anything)."""
-    backend = hardware.backend if hardware.backend != "auto" else state.default_backend()
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group(backend=backend, timeout=timedelta(seconds=parallel.timeout_s))
+    backend = hardware.backend if hardware.backend != "auto" else None
+    state.join(backend, timedelta(seconds=parallel.timeout_s))
 
 
 def agree_on_run_dir(my_run_dir: str) -> str:

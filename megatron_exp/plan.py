@@ -18,15 +18,12 @@ during its recomputation.
 from __future__ import annotations
 
 import logging
-import sys
 
-import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-import megatron_exp.train  # noqa: F401 - registers the config schema with Hydra
-from megatron_exp import preflight
-from megatron_exp.config import Config, ConfigError
+from megatron_exp import entry, preflight
+from megatron_exp.config import Config
 from megatron_exp.parallel.sharding import padded_vocab_size
 from megatron_exp.training.flops import hardware_flops, model_flops
 
@@ -129,18 +126,17 @@ def report(cfg: Config, plan: dict) -> str:
     return "\n".join([title, *(f"  {k:<{width}}  {v}" for k, v in rows)])
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="plan")
-def main(raw: DictConfig) -> dict:
-    cfg: Config = OmegaConf.to_object(raw)
-    try:
-        preflight.resolve(cfg, measure_peak=False)
-        cfg.model.validate(cfg.parallel.tp)
-    except ConfigError as error:
-        log.error("error: %s", error)
-        sys.exit(2)
-    plan = estimate(cfg)
-    print(report(cfg, plan))
-    return plan
+def plan(composed: Config) -> dict:
+    cfg = preflight.resolve(composed, measure_peak=False)
+    cfg.model.validate(cfg.parallel.tp)
+    result = estimate(cfg)
+    print(report(cfg, result))
+    return result
+
+
+@entry.hydra_app("plan")
+def main(raw: DictConfig) -> None:
+    entry.run_here(raw, Config, plan)
 
 
 if __name__ == "__main__":

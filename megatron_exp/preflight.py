@@ -6,13 +6,14 @@ device (nothing is allocated) at 16 bytes each: fp32 weights, gradients, and Ada
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 
 import torch
 
 from megatron_exp import hardware
-from megatron_exp.config import Config, ConfigError
+from megatron_exp.config import Config, ConfigError, check_ranges
 from megatron_exp.models import build_model
 from megatron_exp.parallel import state
 from megatron_exp.parallel.sharding import ShardSpec
@@ -22,11 +23,15 @@ log = logging.getLogger(__name__)
 BYTES_PER_PARAMETER = 16  # fp32 weight + fp32 gradient + Adam exp_avg + exp_avg_sq
 
 
-def resolve(cfg: Config, world_size: int | None = None, measure_peak: bool = True) -> Config:
-    """Fill derived values in place: DP degree, global batch, sequence length, schedule length, hardware.
+def resolve(composed: Config, world_size: int | None = None, measure_peak: bool = True) -> Config:
+    """A copy of `composed` with the derived values filled in: DP degree, global batch, sequence length, schedule
+    length, hardware.
 
     `world_size` is given when joining an existing job (torchrun); otherwise this process launches tp x dp x pp.
     """
+    check_ranges(composed)  # before any arithmetic on the values
+    composed.optimizer.validate()  # a warmup longer than a derived decay (a short run of the paper's recipe) is fine
+    cfg = copy.deepcopy(composed)
     par = cfg.parallel
     if par.dp is None:
         par.dp = world_size // (par.tp * par.pp) if world_size else 1
@@ -51,17 +56,10 @@ def parameter_counts(cfg: Config) -> tuple[int, int]:
     return per_rank, total
 
 
-def _positive(values: dict[str, int | float]) -> None:
-    for key, value in values.items():
-        if value is None or value < 1:
-            raise ConfigError(f"{key}={value} must be a positive integer")
-
-
 def validate(cfg: Config, world_size: int | None = None) -> None:
+    """Every check that needs no data: ranges, divisibility, batch arithmetic, devices, memory."""
     par, hw = cfg.parallel, cfg.hardware
-    _positive({"parallel.tp": par.tp, "parallel.dp": par.dp, "parallel.micro_batch": par.micro_batch})
-    _positive({"train.iterations": cfg.train.iterations, "train.log_interval": cfg.train.log_interval})
-    _positive({"train.eval_iters": cfg.train.eval_iters, "data.seq_len": cfg.data.seq_len})
+    check_ranges(cfg)  # the derived values too
     if par.pp != 1:
         raise ConfigError(f"parallel.pp={par.pp}: pipeline parallelism is not implemented yet; use parallel.pp=1")
     cfg.model.validate(par.tp)
@@ -83,8 +81,6 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             f"data.seq_len={cfg.data.seq_len} exceeds model.seq_len={cfg.model.seq_len} (learned positions): "
             f"lower data.seq_len or raise model.seq_len"
         )
-    if cfg.optimizer.decay_style not in ("cosine", "linear", "constant"):
-        raise ConfigError(f"optimizer.decay_style={cfg.optimizer.decay_style} is unknown: cosine, linear or constant")
     if hw.precision not in ("fp32", "bf16", "fp16"):
         raise ConfigError(f"hardware.precision={hw.precision} is unknown: fp32, bf16 or fp16")
 

@@ -1,13 +1,14 @@
+import copy
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-import megatron_exp.train  # noqa: F401 - registers the config schema with Hydra
-from megatron_exp.config import Config
+from megatron_exp.config import Config, RunSpec, register_schemas
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+register_schemas()  # as every entry point does before composing
 
 
 def compose_config(overrides: list[str] = ()) -> Config:
@@ -15,6 +16,13 @@ def compose_config(overrides: list[str] = ()) -> Config:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         raw = compose(config_name="config", overrides=list(overrides))
     return OmegaConf.to_object(raw)
+
+
+def training_spec(cfg: Config, run_dir) -> RunSpec[Config]:
+    """The spec of a resolved training config (a copy: the test may go on changing `cfg`), W&B off."""
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    workers = cfg.parallel.tp * cfg.parallel.dp * cfg.parallel.pp
+    return RunSpec(copy.deepcopy(cfg), str(run_dir), workers)
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from tests.conftest import CONF_DIR, compose_config
     "overrides, message",
     [
         (dict(hidden=48, heads=6), None),
-        (dict(layers=0), r"model.layers=0 must be positive"),
+        (dict(layers=0), r"model.layers=0 must be a positive integer"),
         (
             dict(hidden=50, heads=4),
             r"model.hidden=50 is not divisible by model.heads=4: choose heads dividing",

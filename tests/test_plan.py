@@ -15,7 +15,7 @@ from tests.conftest import CONF_DIR, compose_config
 
 def _resolved(overrides):
     cfg = compose_config(overrides)
-    preflight.resolve(cfg, measure_peak=False)
+    cfg = preflight.resolve(cfg, measure_peak=False)
     return cfg
 
 

@@ -7,7 +7,7 @@ from tests.conftest import compose_config
 
 def _checked(overrides: list[str], world_size: int | None = None):
     cfg = compose_config(overrides)
-    preflight.resolve(cfg, world_size, measure_peak=False)  # skip the 1 s CPU matmul probe
+    cfg = preflight.resolve(cfg, world_size, measure_peak=False)  # skip the 1 s CPU matmul probe
     preflight.validate(cfg, world_size)
     return cfg
 
@@ -59,7 +59,7 @@ def test_gpt_8b_at_tp8_does_not_fit_this_machine_and_says_what_would():
 def test_gpu_memory_is_checked_per_device(monkeypatch):
     monkeypatch.setattr(preflight.torch.cuda, "device_count", lambda: 8)
     cfg = compose_config(["model=gpt_8b", "hardware=v100", "data/tokenizer=gpt2", "parallel.tp=1"])
-    preflight.resolve(cfg)
+    cfg = preflight.resolve(cfg)
     with pytest.raises(ConfigError, match=r"~133 GB .* each v100 GPU has 32 GB"):
         preflight.validate(cfg)
     cfg.parallel.tp = 8  # the paper's answer: 8-way TP puts ~16.6 GB of state on each 32 GB V100
@@ -69,7 +69,7 @@ def test_gpu_memory_is_checked_per_device(monkeypatch):
 def test_more_workers_than_gpus_is_an_error(monkeypatch):
     monkeypatch.setattr(preflight.torch.cuda, "device_count", lambda: 4)
     cfg = compose_config(["model=gpt_tiny", "hardware=h100", "parallel.tp=2", "parallel.dp=4"])
-    preflight.resolve(cfg)
+    cfg = preflight.resolve(cfg)
     with pytest.raises(ConfigError, match=r"^parallel.tp x parallel.dp = 8 workers need 8 GPUs on this node but 4"):
         preflight.validate(cfg)
 

@@ -26,6 +26,8 @@ class BERTModel(TransformerModel):
     """Built on the current process grid's TP group (or `tp`). Without `pretraining_heads` (fine-tuning) it has
     the encoder and pooler only."""
 
+    perplexity_term = "mlm_loss"  # the perplexity of the masked tokens
+
     def __init__(
         self,
         cfg: ModelConfig,
@@ -86,9 +88,12 @@ class BERTMultipleChoice(nn.Module):
     """Fine-tuning for multiple choice (RACE): each option's sequence is encoded, its pooled [CLS] state goes
     through dropout and a linear layer to one score, and the options of a question compete in a softmax."""
 
+    perplexity_term = None
+
     def __init__(self, cfg: ModelConfig, tp: Group | None = None, *, seed: int = 0):
         super().__init__()
         self.bert = BERTModel(cfg, tp, seed=seed, pretraining_heads=False)
+        self.cfg, self.tp = cfg, self.bert.tp
         self.dropout = nn.Dropout(cfg.hidden_dropout)
         self.score = nn.Linear(cfg.hidden, 1)
         if not self.score.weight.is_meta:
@@ -103,3 +108,12 @@ class BERTMultipleChoice(nn.Module):
         flat = (t.reshape(questions * options, seq) for t in (tokens, token_types, padding_mask))
         pooled = self.bert.pool(self.bert.encode(*flat))
         return self.score(self.dropout(pooled)).view(questions, options)
+
+    @property
+    def device(self) -> torch.device:
+        return self.bert.device
+
+    def loss_terms(self, scores: torch.Tensor, answers: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Cross-entropy of the softmax over each question's options, and the share answered right."""
+        loss = F.cross_entropy(scores.float(), answers)
+        return {"loss": loss, "accuracy": (scores.argmax(-1) == answers).float().mean()}

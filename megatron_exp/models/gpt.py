@@ -10,13 +10,15 @@ import torch
 
 from megatron_exp.config import ModelConfig
 from megatron_exp.models.transformer import TransformerModel
-from megatron_exp.parallel.cross_entropy import vocab_parallel_cross_entropy
+from megatron_exp.parallel.cross_entropy import vocab_parallel_argmax, vocab_parallel_cross_entropy
 from megatron_exp.parallel.mappings import f_linear
 from megatron_exp.parallel.state import Group
 
 
 class GPTModel(TransformerModel):
     """Built on the current process grid's TP group (or `tp`); weights depend on `seed`, not on the TP degree."""
+
+    perplexity_term = "loss"
 
     def __init__(
         self,
@@ -34,12 +36,20 @@ class GPTModel(TransformerModel):
         return f_linear(self.encode(tokens), self.embedding.weight, None, self.tp)
 
     def loss_terms(self, logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
-        """What evaluation reports: the mean token loss."""
+        """The mean token loss."""
         return {"loss": self.loss(logits, targets)}
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor | None = None):
         """Mean cross-entropy over tokens (over `loss_mask`'s ones when given), identical on every TP rank."""
-        losses = vocab_parallel_cross_entropy(logits, targets, self.cfg.vocab_size, self.tp)
+        losses = self.token_losses(logits, targets)
         if loss_mask is None:
             return losses.mean()
         return (losses * loss_mask).sum() / loss_mask.sum()
+
+    def token_losses(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """-log p(target) per position, from this rank's vocabulary slice (the evaluations sum these)."""
+        return vocab_parallel_cross_entropy(logits, targets, self.cfg.vocab_size, self.tp)
+
+    def predictions(self, logits: torch.Tensor) -> torch.Tensor:
+        """Greedy next tokens over the real vocabulary (padding is never predicted)."""
+        return vocab_parallel_argmax(logits, self.cfg.vocab_size, self.tp)

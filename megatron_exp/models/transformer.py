@@ -106,6 +106,10 @@ class TransformerModel(nn.Module):
         norm = nn.LayerNorm(cfg.hidden, eps=cfg.layernorm_eps)
         self.final_norm, self.embedding_norm = (norm, None) if cfg.layernorm == "pre" else (None, norm)
 
+    @property
+    def device(self) -> torch.device:
+        return self.position_embedding.device
+
     def compile_layers(self) -> None:
         """torch.compile each transformer layer in place (`train.compile`): parameter names, and so checkpoints,
         stay the same, and the embeddings and loss stay eager."""

@@ -74,6 +74,14 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
+def join(backend: str | None = None, timeout: timedelta = timedelta(minutes=10)) -> None:
+    """Join the job's default process group (torchrun-style environment variables), on this rank's GPU for NCCL."""
+    backend = backend or default_backend()
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend=backend, timeout=timeout)
+
+
 def initialize(
     tp: int,
     pp: int = 1,
@@ -88,10 +96,7 @@ def initialize(
     if pp != 1:
         raise NotImplementedError("pipeline parallelism is reserved: parallel.pp must be 1")
     if not dist.is_initialized():
-        backend = backend or default_backend()
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend=backend, timeout=timeout)
+        join(backend, timeout)
     world, rank = dist.get_world_size(), dist.get_rank()
     members = group_members(world, tp, pp)
     dims = {}

@@ -3,32 +3,29 @@ workers that load the model at the requested degree, and report (results.json, a
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import logging
-import sys
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from datasets import load_dataset
-from hydra.core.config_store import ConfigStore
-from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
 from tokenizers import Tokenizer
 
-from megatron_exp import hardware, launch
-from megatron_exp.config import ConfigError, EvalConfig, ModelConfig, TaskConfig, TokenizerConfig, typed
+from megatron_exp import entry, hardware
+from megatron_exp.config import ConfigError, EvalConfig, ModelConfig, RunSpec, TaskConfig, TokenizerConfig, check_ranges
 from megatron_exp.data import tokenizer as tokenizers
+from megatron_exp.hardware import device_of
 from megatron_exp.models.gpt import GPTModel
 from megatron_exp.parallel import state
 from megatron_exp.training import checkpoint
 from megatron_exp.training.metrics import publish, wandb_settings
-from megatron_exp.training.trainer import device_of
 
 log = logging.getLogger("megatron_exp.tasks")
-
-ConfigStore.instance().store(name="eval_schema", node=EvalConfig)
 
 GPT2_VOCAB = 50257
 
@@ -68,8 +65,11 @@ def read_texts(task: TaskConfig) -> list[str]:
     return [path.read_text(encoding="utf-8")]
 
 
-def prepare(cfg: EvalConfig) -> tuple[Path, ModelConfig, Tokenizer]:
-    """Resolve the checkpoint, the model it holds (dropout off) and its tokenizer; check the TP degree."""
+def prepare(composed: EvalConfig, run_dir: str, joined: bool, build_inputs: Callable) -> RunSpec[EvalConfig]:
+    """Resolve the checkpoint, the model it holds and its tokenizer, check the TP degree, and read the task's
+    inputs with `build_inputs(cfg, tokenizer)`: the evaluation's spec."""
+    cfg = copy.deepcopy(composed)
+    check_ranges(cfg)
     directory = checkpoint.require(cfg.checkpoint, "checkpoint")
     model = checkpoint.model_config_of(directory)
     if model.arch != "gpt":
@@ -84,59 +84,38 @@ def prepare(cfg: EvalConfig) -> tuple[Path, ModelConfig, Tokenizer]:
     if cfg.task.seq_len > model.seq_len:
         raise ConfigError(f"task.seq_len={cfg.task.seq_len} exceeds the model's {model.seq_len} positions")
     cfg.hardware = hardware.resolve(cfg.hardware, cfg.parallel.tp, measure_peak=False)
-    return directory, model, load_tokenizer(cfg, directory, model)
+    inputs = build_inputs(cfg, load_tokenizer(cfg, directory, model))
+    training_run = directory.parents[1].name
+    name, group = f"{cfg.task.name}-{training_run}", training_run
+    wandb = wandb_settings(cfg.logger, run_dir, asdict(cfg), name=name, group=group)
+    return RunSpec(cfg, run_dir, cfg.parallel.tp, joined, wandb, {"checkpoint": str(directory), **inputs})
 
 
-def run(cfg: EvalConfig, directory: Path, inputs: dict, worker: Callable[[dict], dict]) -> dict:
-    """Start the TP workers on `inputs`, then report rank 0's results."""
-    payload = {"config": asdict(cfg), "checkpoint": str(directory), "inputs": inputs}
-    if launch.joins_existing_job():
-        results = worker(payload)
-    else:
-        results = launch.spawn(worker, payload, cfg.parallel.tp, cfg.run_dir)
-    if results is None:  # a non-zero torchrun rank: rank 0 reports
-        return {}
-    results = {"task": cfg.task.name, **results, "checkpoint": str(directory), "tp": cfg.parallel.tp}
-    (Path(cfg.run_dir) / "results.json").write_text(json.dumps(results, indent=2))
+def evaluate_rank(evaluate: Callable, spec: RunSpec[EvalConfig], grid: state.ProcessGrid) -> dict:
+    """One evaluation rank: the model at this TP degree, then `evaluate(model, task, inputs, autocast, progress)`."""
+    cfg = spec.config
+    model = load_model(Path(spec.inputs["checkpoint"]), grid.tp, device_of(cfg.hardware))
+    autocast = hardware.autocast(cfg.hardware.precision, model.device)
+    return evaluate(model, cfg.task, spec.inputs, autocast, progress=grid.rank == 0)
+
+
+def report(spec: RunSpec[EvalConfig], results: dict) -> dict:
+    """results.json, a printed table and a W&B eval run grouped with the training run."""
+    cfg = spec.config
+    results = {"task": cfg.task.name, **results, "checkpoint": spec.inputs["checkpoint"], "tp": cfg.parallel.tp}
     width = max(map(len, results))
     table = "\n".join(f"  {key:<{width}}  {value:.6g}" if isinstance(value, float) else f"  {key:<{width}}  {value}"
                       for key, value in results.items())  # fmt: skip
-    log.info("%s results (%s):\n%s", cfg.task.name, Path(cfg.run_dir) / "results.json", table)
-    training_run = directory.parents[1].name
-    publish(wandb_settings(cfg, name=f"{cfg.task.name}-{training_run}", group=training_run), results)
+    log.info("%s results (%s):\n%s", cfg.task.name, Path(spec.run_dir) / "results.json", table)
+    publish(spec.wandb, results)
     return results
 
 
-def main(cfg: EvalConfig, build_inputs: Callable, worker: Callable[[dict], dict]) -> dict:
-    """The body of an evaluation entry point: prepare, tokenize with `build_inputs(cfg, tokenizer)`, run."""
-    cfg.run_dir = HydraConfig.get().runtime.output_dir
-    try:
-        directory, _, tokenizer = prepare(cfg)
-        inputs = build_inputs(cfg, tokenizer)
-    except ConfigError as error:
-        log.error("error: %s", error)
-        sys.exit(2)
-    try:
-        return run(cfg, directory, inputs, worker)
-    except launch.WorkerFailed as error:
-        log.error("error: %s", error)
-        sys.exit(1)
-
-
-def run_worker(payload: dict, evaluate: Callable) -> dict | None:
-    """One evaluation rank: the model at this TP degree, then `evaluate(model, cfg, inputs, autocast, progress)`."""
-    cfg = typed(EvalConfig, payload["config"])
-    grid = launch.start_worker(cfg.hardware, cfg.parallel)
-    try:
-        directory = Path(payload["checkpoint"])
-        model = load_model(directory, grid.tp, device_of(cfg.hardware))
-        dtype = hardware.AUTOCAST_DTYPES.get(cfg.hardware.precision)
-        autocast = (lambda: torch.autocast(model.embedding.weight.device.type, dtype=dtype)) if dtype else nullcontext
-        results = evaluate(model, cfg.task, payload["inputs"], autocast, progress=grid.rank == 0)
-        launch.finish_worker()
-        return results if grid.rank == 0 else None
-    finally:
-        state.destroy()
+def main(raw: DictConfig, build_inputs: Callable, evaluate: Callable) -> dict | None:
+    """The body of an evaluation entry point: its inputs from `build_inputs(cfg, tokenizer)`, scored on every TP
+    rank by `evaluate(model, task, inputs, autocast, progress)`."""
+    prepare_task = functools.partial(prepare, build_inputs=build_inputs)
+    return entry.run(raw, EvalConfig, prepare_task, functools.partial(evaluate_rank, evaluate), report)
 
 
 def load_model(directory: Path, tp: state.Group, device: torch.device) -> GPTModel:

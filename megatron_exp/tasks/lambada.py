@@ -11,11 +11,11 @@ from __future__ import annotations
 import math
 from contextlib import nullcontext
 
-import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
+from megatron_exp import entry
 from megatron_exp.config import EvalConfig, TaskConfig
 from megatron_exp.parallel.cross_entropy import vocab_parallel_argmax, vocab_parallel_cross_entropy
 from megatron_exp.tasks import common
@@ -85,13 +85,9 @@ def build_inputs(cfg: EvalConfig, tokenizer) -> dict:
     return {"examples": encode(texts, tokenizer, cfg.task.strict)}
 
 
-def worker(payload: dict) -> dict | None:
-    return common.run_worker(payload, evaluate)
-
-
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="eval_lambada")
-def main(raw: DictConfig) -> dict:
-    return common.main(OmegaConf.to_object(raw), build_inputs, worker)
+@entry.hydra_app("eval_lambada")
+def main(raw: DictConfig) -> dict | None:
+    return common.main(raw, build_inputs, evaluate)
 
 
 if __name__ == "__main__":

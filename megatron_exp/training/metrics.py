@@ -9,37 +9,48 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from dataclasses import asdict
 from pathlib import Path
+
+from megatron_exp.config import LoggerConfig
 
 log = logging.getLogger(__name__)
 
 
+# (label, format) of the keys whose last part says too little; every other key is labelled by itself.
+_SHOWN = {
+    "train/lr": ("lr", "{:.2e}"),
+    "train/grad_norm": ("grad", "{:.3f}"),
+    "train/loss_scale": ("scale", "{:.0f}"),
+    "perf/tokens_per_s": ("", "{:.0f} tok/s"),
+    "perf/tflops_per_device": ("", "{:.3f} TFLOP/s/dev"),
+    "perf/mfu": ("MFU", "{:.1%}"),
+    "perf/step_time_s": ("", "{:.3f} s/it"),
+    "perf/peak_memory_gb": ("mem", "{:.2f} GB"),
+}
+_HIDDEN = {"iteration", "perf/hfu", "train/skipped_steps"}  # hfu follows from mfu; skipped steps: when there are any
+
+
+def _shown(key: str, value) -> str:
+    label, style = _SHOWN.get(key, (None, None))
+    if label is None:
+        split, _, name = key.rpartition("/")
+        label = " ".join(part for part in (split.removeprefix("train"), name.replace("accuracy", "acc")) if part)
+        if value is None:
+            return f"{label} n/a"
+        is_share = "accuracy" in name
+        style = "{:.1%}" if is_share else "{:.2f}" if name == "ppl" else "{:.4f}" if "loss" in name else None
+        if style is None:
+            style = "{:.4g}" if isinstance(value, float) else "{}"
+    text = style.format(value)
+    return f"{label} {text}" if label else text
+
+
 def console_line(record: dict, total_iterations: int) -> str:
-    """One progress line from a train or eval record."""
-    it = f"iter {record['iteration']:>{len(str(total_iterations))}}/{total_iterations}"
-    parts = [it]
-    for split in ("valid", "dev", "test"):
-        if f"{split}/loss" in record:
-            parts.append(f"{split} loss {record[f'{split}/loss']:.4f} | {split} ppl {record[f'{split}/ppl']:.2f}")
-        if f"{split}/accuracy" in record:
-            parts.append(f"{split} acc {100 * record[f'{split}/accuracy']:.1f}%")
-        if f"{split}/sop_accuracy" in record:
-            parts.append(f"{split} SOP acc {100 * record[f'{split}/sop_accuracy']:.1f}%")
-    if "train/loss" in record:
-        parts.append(f"loss {record['train/loss']:.4f}")
-        if "train/ppl" in record:
-            parts.append(f"ppl {record['train/ppl']:.2f}")
-        parts += [f"lr {record['train/lr']:.2e}", f"grad {record['train/grad_norm']:.3f}"]
-        if "train/loss_scale" in record:
-            parts.append(f"scale {record['train/loss_scale']:.0f}")
-        parts += [
-            f"{record['perf/tokens_per_s']:.0f} tok/s",
-            f"{record['perf/tflops_per_device']:.3f} TFLOP/s/dev",
-        ]
-        if "perf/mfu" in record:  # absent when the hardware's peak is unknown
-            parts.append(f"MFU {100 * record['perf/mfu']:.1f}%")
-        parts.append(f"{record['perf/step_time_s']:.3f} s/it")
+    """One progress line from any record: every key in the record's order, formatted by what it measures."""
+    parts = [f"iter {record['iteration']:>{len(str(total_iterations))}}/{total_iterations}"]
+    parts += [_shown(key, value) for key, value in record.items() if key not in _HIDDEN]
+    if record.get("train/skipped_steps"):
+        parts.append(f"skipped {record['train/skipped_steps']}")
     return " | ".join(parts)
 
 
@@ -80,13 +91,14 @@ class MetricSinks:
                 log.warning("W&B did not finish cleanly (%s)", error)
 
 
-def wandb_settings(cfg, name: str | None = None, group: str | None = None) -> dict | None:
-    """Arguments for wandb.init from a config with `logger` and `run_dir` (training or evaluation), or None when
-    W&B is off. The run's id is kept in the run directory, so a resumed run logs to the same W&B run."""
-    lg = cfg.logger
+def wandb_settings(
+    lg: LoggerConfig, run_dir: str, config: dict, name: str | None = None, group: str | None = None
+) -> dict | None:
+    """Arguments for wandb.init (the run's whole `config` recorded), or None when W&B is off. The run's id is kept
+    in the run directory, so a resumed run logs to the same W&B run."""
     if not lg.wandb or lg.mode == "disabled":
         return None
-    id_file = Path(cfg.run_dir) / "wandb_id"
+    id_file = Path(run_dir) / "wandb_id"
     if not id_file.is_file():
         id_file.write_text(uuid.uuid4().hex[:12])
     return {
@@ -94,12 +106,12 @@ def wandb_settings(cfg, name: str | None = None, group: str | None = None) -> di
         "resume": "allow",
         "project": lg.project,
         "entity": lg.entity,
-        "name": lg.name or name or Path(cfg.run_dir).name,
+        "name": lg.name or name or Path(run_dir).name,
         "group": lg.group or group,
         "tags": list(lg.tags),
         "job_type": lg.job_type,
-        "config": asdict(cfg),
-        "dir": cfg.run_dir,
+        "config": config,
+        "dir": run_dir,
         "mode": lg.mode,
         "settings": {"console": "off", "quiet": True, "x_disable_stats": True, "disable_git": True},
     }

@@ -15,13 +15,13 @@ from megatron_exp.models.gpt import GPTModel
 from megatron_exp.parallel import state
 from megatron_exp.parallel.sharding import shard_specs, split_state_dict
 from megatron_exp.train import _resolve_init_from, _resolve_resume
-from megatron_exp.training import checkpoint
+from megatron_exp.training import checkpoint, trainer
 from megatron_exp.training.checkpoint import CheckpointError
-from megatron_exp.training.trainer import Trainer
-from tests.conftest import compose_config
+from tests.conftest import compose_config, training_spec
 
 
-def make_config(run_dir, cache, *overrides):
+def make_config(cache, *overrides):
+    """A resolved tiny GPT config with its data cache built."""
     cfg = compose_config(
         [
             "model=gpt_tiny",
@@ -37,34 +37,36 @@ def make_config(run_dir, cache, *overrides):
             *overrides,
         ]
     )
-    preflight.resolve(cfg, measure_peak=False)
+    cfg = preflight.resolve(cfg, measure_peak=False)
     token_store.prepare(cfg.data)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cfg.run_dir = str(run_dir)
     return cfg
 
 
-def train_losses(cfg) -> dict[int, float]:
-    Trainer(cfg, state.SERIAL).run()
-    lines = (checkpoint.checkpoints_root(cfg.run_dir).parent / "metrics.jsonl").read_text().splitlines()
+def build(cfg, run_dir):
+    """The training loop of `cfg` on the current grid (serial outside a multi-rank test), writing into `run_dir`."""
+    return trainer.build(training_spec(cfg, run_dir), state.current())
+
+
+def train_losses(cfg, run_dir) -> dict[int, float]:
+    build(cfg, run_dir).run()
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return {r["iteration"]: r["train/loss"] for r in map(json.loads, lines) if "train/loss" in r}
 
 
 def test_a_resumed_run_equals_an_uninterrupted_one_bitwise(tmp_path, shared_cache):
     # Dropout on, so the restored RNG streams matter as much as the weights and Adam's moments.
-    uninterrupted = train_losses(make_config(tmp_path / "a", shared_cache))
-    first = make_config(tmp_path / "b", shared_cache, "train.iterations=3")
-    train_losses(first)
-    resumed = make_config(tmp_path / "b", shared_cache)
-    resumed.resume = str(checkpoint.find_latest(resumed.run_dir))
-    losses = train_losses(resumed)
+    uninterrupted = train_losses(make_config(shared_cache), tmp_path / "a")
+    train_losses(make_config(shared_cache, "train.iterations=3"), tmp_path / "b")
+    resumed = make_config(shared_cache)
+    resumed.resume = str(checkpoint.find_latest(tmp_path / "b"))
+    losses = train_losses(resumed, tmp_path / "b")
     assert [losses[i] for i in (4, 5, 6)] == [uninterrupted[i] for i in (4, 5, 6)]  # exactly equal
 
 
 def _saved_run(tmp_path, cache):
-    cfg = make_config(tmp_path, cache)
-    Trainer(cfg, state.SERIAL).run()
-    return cfg, checkpoint.checkpoints_root(cfg.run_dir)
+    cfg = make_config(cache)
+    build(cfg, tmp_path).run()
+    return cfg, checkpoint.checkpoints_root(tmp_path)
 
 
 def test_saves_keep_the_newest_k_and_point_latest_at_the_last(tmp_path, shared_cache):
@@ -78,27 +80,27 @@ def test_saves_keep_the_newest_k_and_point_latest_at_the_last(tmp_path, shared_c
 
 
 def test_a_crash_in_the_middle_of_a_save_leaves_the_previous_checkpoint(tmp_path, shared_cache, monkeypatch, caplog):
-    cfg, root = _saved_run(tmp_path, shared_cache)
+    _, root = _saved_run(tmp_path, shared_cache)
 
     def crash(src, dst):
         raise KeyboardInterrupt  # killed after the shards were written, before the rename
 
     monkeypatch.setattr(checkpoint.os, "rename", crash)
     with pytest.raises(KeyboardInterrupt):
-        checkpoint.save(cfg.run_dir, 9, {"x": torch.zeros(1)}, rank=0, meta={"world_size": 1}, keep=3)
+        checkpoint.save(tmp_path, 9, {"x": torch.zeros(1)}, rank=0, meta={"world_size": 1}, keep=3)
     monkeypatch.undo()
     assert (root / ".tmp_iter_0000009").is_dir()
     with caplog.at_level(logging.WARNING):
-        latest = checkpoint.find_latest(cfg.run_dir)
+        latest = checkpoint.find_latest(tmp_path)
     assert latest == root / "iter_0000006" and "left half-written by an interrupted save" in caplog.text
     assert checkpoint.load_rank(latest, 0)["iteration"] == 6
 
 
 def test_latest_naming_an_incomplete_checkpoint_falls_back(tmp_path, shared_cache, caplog):
-    cfg, root = _saved_run(tmp_path, shared_cache)
+    _, root = _saved_run(tmp_path, shared_cache)
     os.remove(root / "iter_0000006" / "rank_00000.pt")
     with caplog.at_level(logging.WARNING):
-        assert checkpoint.find_latest(cfg.run_dir) == root / "iter_0000003"
+        assert checkpoint.find_latest(tmp_path) == root / "iter_0000003"
     assert "which is incomplete" in caplog.text
 
 
@@ -108,32 +110,32 @@ def test_a_corrupt_shard_is_an_error_naming_the_file(tmp_path, shared_cache):
     shard.write_bytes(shard.read_bytes()[:1000])
     cfg.resume = str(root / "iter_0000006")
     with pytest.raises(CheckpointError, match=r"rank_00000.pt cannot be read .* corrupt"):
-        Trainer(cfg, state.SERIAL)
+        build(cfg, tmp_path)
 
 
 def test_a_checkpoint_of_another_shape_is_an_error_naming_the_file(tmp_path, shared_cache):
     _, root = _saved_run(tmp_path, shared_cache)
-    other = make_config(tmp_path, shared_cache, "model.hidden=128")
+    other = make_config(shared_cache, "model.hidden=128")
     other.resume = str(root / "iter_0000006")
     with pytest.raises(CheckpointError, match=r"rank_00000.pt: its model does not fit this run .*size mismatch"):
-        Trainer(other, state.SERIAL)
+        build(other, tmp_path)
 
 
 def test_init_from_loads_weights_saved_at_another_tp_degree(tmp_path, shared_cache):
-    cfg = make_config(tmp_path / "run", shared_cache, "train.iterations=1")
+    cfg = make_config(shared_cache, "train.iterations=1")
     source = GPTModel(cfg.model, seed=99)
     shards = split_state_dict(source.state_dict(), shard_specs(source), 2)
     meta = {"tp": 2, "dp": 1, "model": asdict(cfg.model)}
     checkpoint.save_all(tmp_path / "weights", 0, [{"iteration": 0, "model": s} for s in shards], meta)
 
     cfg.checkpoint.init_from = str(tmp_path / "weights")
-    _resolve_init_from(cfg)
+    cfg.checkpoint.init_from = _resolve_init_from(cfg)
     assert cfg.checkpoint.init_from == str(checkpoint.resolve(tmp_path / "weights"))
-    loaded = Trainer(cfg, state.SERIAL).model.state_dict()
+    loaded = build(cfg, tmp_path / "run").model.state_dict()
     for name, tensor in source.state_dict().items():
         assert torch.equal(loaded[name], tensor), name
 
-    other = make_config(tmp_path / "run", shared_cache, "model.layers=3")
+    other = make_config(shared_cache, "model.layers=3")
     other.checkpoint.init_from = str(tmp_path / "weights")
     with pytest.raises(
         ConfigError, match=r"checkpoint.init_from=.*the model differs: model.layers=3 \(checkpoint: 2\)"
@@ -146,4 +148,4 @@ def test_naming_a_checkpoint_with_a_missing_shard_is_an_error_naming_the_file(tm
     os.remove(root / "iter_0000006" / "rank_00000.pt")
     cfg.resume = str(root / "iter_0000006")
     with pytest.raises(ConfigError, match=r"resume=.*iter_0000006: .*rank_00000.pt is missing: the checkpoint"):
-        _resolve_resume(cfg)
+        _resolve_resume(cfg, str(tmp_path / "new"))

@@ -6,19 +6,17 @@ import pytest
 import torch
 
 from megatron_exp.models.gpt import GPTModel
-from megatron_exp.parallel import state
 from megatron_exp.parallel.sharding import merge_state_dicts, shard_specs
 from megatron_exp.training import checkpoint
-from megatron_exp.training.trainer import Trainer
 from tests.distributed import run_on_ranks
-from tests.training.test_checkpoint import make_config
+from tests.training.test_checkpoint import build, make_config
 
 NO_DROPOUT = ["model.hidden_dropout=0", "model.attention_dropout=0", "train.iterations=3", "parallel.global_batch=8"]
 
 
 def _train(run_dir, cache, overrides):
-    cfg = make_config(run_dir, cache, *NO_DROPOUT, *overrides)
-    Trainer(cfg, state.current()).run()
+    cfg = make_config(cache, *NO_DROPOUT, *overrides)
+    build(cfg, run_dir).run()
 
 
 def _losses(run_dir):
@@ -29,7 +27,7 @@ def _losses(run_dir):
 def _final_weights(run_dir, tp: int) -> dict:
     directory = checkpoint.find_latest(run_dir)
     shards = [checkpoint.load_rank(directory, rank)["model"] for rank in range(tp)]  # DP replica 0
-    cfg = make_config(run_dir, str(run_dir), *NO_DROPOUT)
+    cfg = make_config(str(run_dir), *NO_DROPOUT)
     with torch.device("meta"):
         specs = shard_specs(GPTModel(cfg.model))
     return merge_state_dicts(shards, specs)

@@ -2,6 +2,7 @@
 
 import functools
 import json
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -9,15 +10,14 @@ import torch
 from megatron_exp import preflight
 from megatron_exp.data import token_store
 from megatron_exp.parallel import state
-from megatron_exp.training import flops
-from megatron_exp.training import trainer as trainer_module
+from megatron_exp.training import flops, loop, trainer
+from megatron_exp.training.loop import TrainingDiverged, TrainingLoop
 from megatron_exp.training.metrics import wandb_settings
 from megatron_exp.training.optim import DynamicLossScaler
-from megatron_exp.training.trainer import Trainer, TrainingDiverged
-from tests.conftest import compose_config
+from tests.conftest import compose_config, training_spec
 
 
-def _trainer(tmp_path, cache: str, *overrides: str) -> Trainer:
+def _trainer(tmp_path, cache: str, *overrides: str) -> TrainingLoop:
     cfg = compose_config(
         [
             "model=gpt_tiny",
@@ -34,12 +34,10 @@ def _trainer(tmp_path, cache: str, *overrides: str) -> Trainer:
             *overrides,
         ]
     )
-    preflight.resolve(cfg, measure_peak=False)
+    cfg = preflight.resolve(cfg, measure_peak=False)
     preflight.validate(cfg)
     token_store.prepare(cfg.data)
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    cfg.run_dir = str(tmp_path)
-    return Trainer(cfg, state.SERIAL)
+    return trainer.build(training_spec(cfg, tmp_path), state.SERIAL)
 
 
 def run(tmp_path, cache: str, *overrides: str) -> tuple[list[dict], dict]:
@@ -85,7 +83,7 @@ def test_mixed_precision_paths_run(tmp_path, shared_cache, precision):
 
 def test_fp16_overflow_skips_the_step_and_halves_the_scale_until_steps_fit(tmp_path, shared_cache, monkeypatch):
     start = 2.0**30  # far too large: the fp16 gradients overflow until the scale has come down
-    monkeypatch.setattr(trainer_module, "DynamicLossScaler", functools.partial(DynamicLossScaler, initial_scale=start))
+    monkeypatch.setattr(loop, "DynamicLossScaler", functools.partial(DynamicLossScaler, initial_scale=start))
     records, _ = run(tmp_path, shared_cache, "hardware.precision=fp16", "train.iterations=20")
     skipped = [r["train/skipped_steps"] for r in records]
     assert skipped[:5] == [1] * 5 and skipped[-1] == 0 and set(skipped) == {0, 1}
@@ -97,11 +95,11 @@ def test_fp16_overflow_skips_the_step_and_halves_the_scale_until_steps_fit(tmp_p
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_a_gpu_training_step_never_waits_for_the_device(tmp_path, shared_cache, precision):
-    trainer = _trainer(tmp_path, shared_cache, f"hardware.precision={precision}")
-    trainer.train_step(1)  # the first step creates the optimizer's state
+    training = _trainer(tmp_path, shared_cache, f"hardware.precision={precision}")
+    training.step(1)  # the first step creates the optimizer's state
     torch.cuda.set_sync_debug_mode("error")  # raises at any call that waits for the GPU
     try:
-        trainer.train_step(2)
+        training.step(2)
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
@@ -114,9 +112,8 @@ def test_a_non_finite_loss_stops_the_run_with_advice(tmp_path, shared_cache):
 
 def test_the_wandb_run_id_is_kept_in_the_run_directory_across_resumes(tmp_path, shared_cache):
     cfg = compose_config(["logger.mode=offline"])
-    cfg.run_dir = str(tmp_path)
-    first, again = wandb_settings(cfg), wandb_settings(cfg)
+    first, again = (wandb_settings(cfg.logger, str(tmp_path), asdict(cfg)) for _ in range(2))
     assert first["id"] == again["id"] == (tmp_path / "wandb_id").read_text()
     assert first["resume"] == "allow" and first["mode"] == "offline" and first["dir"] == str(tmp_path)
     assert first["config"]["model"]["name"] == "gpt_mini"  # the full resolved config
-    assert wandb_settings(compose_config(["logger=none"])) is None
+    assert wandb_settings(compose_config(["logger=none"]).logger, str(tmp_path), {}) is None

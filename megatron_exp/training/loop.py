@@ -1,0 +1,241 @@
+"""The training core: what every training-like entry point (pretraining, RACE fine-tuning) shares.
+
+A `Work` supplies the model, its micro-batches for each iteration, its evaluation and what one iteration costs;
+the loop does the rest: the learning-rate schedule, the step as a schedule over micro-batches, clipping, fp16 loss
+scaling and the optimizer step, the metrics record (loss, ppl, tokens/s, TFLOP/s, MFU/HFU, memory) every
+`log_interval` iterations, evaluation and checkpoints at their cadence, and exact resume. Metrics go out from
+global rank 0; the device is read only when a record is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from megatron_exp.config import HardwareConfig, OptimizerConfig
+from megatron_exp.hardware import autocast, peak_memory_gb
+from megatron_exp.models.contract import Batch, Model
+from megatron_exp.parallel import random
+from megatron_exp.parallel.mappings import all_reduce_
+from megatron_exp.parallel.state import ProcessGrid
+from megatron_exp.training import checkpoint, flops
+from megatron_exp.training.metrics import MetricSinks
+from megatron_exp.training.optim import DynamicLossScaler, build_optimizer, learning_rate, optimizer_step
+from megatron_exp.training.schedule import MicroBatches
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass(frozen=True)
+class Cadence:
+    """When the loop logs, evaluates and saves (iterations count optimizer steps from 1)."""
+
+    iterations: int
+    log_interval: int
+    eval_interval: int = 0  # 0: only after the last iteration
+    checkpoint_interval: int = 0  # 0: no periodic saves
+    keep: int = 0  # complete checkpoints kept, newest first; 0: all
+    save_final: bool = True
+
+
+@dataclass(frozen=True)
+class Cost:
+    """What one iteration of the whole job processes and computes."""
+
+    tokens: int
+    model_flops: float
+    executed_flops: float  # with recomputation counted (HFU)
+
+
+class Work(Protocol):
+    """What a training-like entry point gives the loop."""
+
+    model: Model
+    cost: Cost
+
+    def micro_batches(self, iteration: int) -> list[Batch]:
+        """This rank's micro-batches of `iteration`, in order."""
+
+    def evaluate(self, iteration: int, final: bool, schedule: MicroBatches) -> dict[str, float]:
+        """An evaluation record's values (keys prefixed by split, e.g. valid/loss)."""
+
+    def checkpoint_meta(self, iteration: int) -> dict:
+        """What meta.json records besides the layout and the model."""
+
+
+def dp_mean(values: list[torch.Tensor], grid: ProcessGrid) -> list[float]:
+    """Per-rank scalars averaged over the DP group, in fp32 (one collective, one host sync)."""
+    stacked = torch.stack([v.float() for v in values])
+    if grid.dp.size > 1:
+        all_reduce_(stacked, grid.dp)
+        stacked /= grid.dp.size
+    return stacked.tolist()
+
+
+class TrainingLoop:
+    def __init__(
+        self,
+        work: Work,
+        grid: ProcessGrid,
+        *,
+        optimizer: OptimizerConfig,
+        hardware: HardwareConfig,
+        cadence: Cadence,
+        run_dir: str,
+        wandb: dict | None = None,
+        resume: str | None = None,
+    ):
+        """`wandb`: wandb.init arguments (used on global rank 0); `resume`: a checkpoint directory to continue."""
+        self.work, self.grid, self.model = work, grid, work.model
+        self.optimizer_cfg, self.hardware, self.cadence, self.run_dir = optimizer, hardware, cadence, run_dir
+        self.device = self.model.device
+        forward = self.model
+        if grid.dp.size > 1:  # bucketed gradient all-reduce over the DP group, overlapped with backward
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            forward = DistributedDataParallel(self.model, device_ids, process_group=grid.dp.handle)
+        self.parameters = list(self.model.parameters())
+        self.optimizer = build_optimizer(self.model, optimizer)
+        self.scaler = DynamicLossScaler(self.device) if hardware.precision == "fp16" else None
+        scale = self.scaler.scale if self.scaler else None
+        self.schedule = MicroBatches(self.model, forward, autocast(hardware.precision, self.device), scale)
+        self.start_iteration = 0
+        if resume:
+            self._restore(Path(resume))
+        self.sinks = MetricSinks(Path(run_dir), cadence.iterations, wandb) if grid.rank == 0 else None
+        if self.sinks:
+            self._log_setup()
+
+    def _log_setup(self) -> None:
+        cfg, grid, cost = self.model.cfg, self.grid, self.work.cost
+        shard = sum(p.numel() for p in self.parameters)
+        log.info(
+            "model: %s, %.2fM parameters on rank 0 (TP shard) | grid: tp=%d dp=%d | %s, %s",
+            cfg.name, shard / 1e6, grid.tp.size, grid.dp.size, self.device, self.hardware.precision,
+        )  # fmt: skip
+        peak = self.hardware.peak_tflops
+        log.info(
+            "FLOPs: %.3g per iteration (model), %.3g executed; %s; peak %s TFLOP/s per device (%s)",
+            cost.model_flops, cost.executed_flops, flops.ATTENTION_CONVENTION,
+            "unknown" if peak is None else f"{peak:.4g}", self.hardware.name,
+        )  # fmt: skip
+
+    # --- checkpoints -------------------------------------------------------------------------------------------
+
+    def save_checkpoint(self, iteration: int) -> None:
+        grid = self.grid
+        meta = {"world_size": grid.world_size, "tp": grid.tp.size, "dp": grid.dp.size, "model": asdict(self.model.cfg)}
+        state = {
+            "iteration": iteration,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "loss_scaler": self.scaler.state_dict() if self.scaler else None,
+            "rng": random.get_rng_state(self.device),
+        }
+        meta |= self.work.checkpoint_meta(iteration)
+        checkpoint.save(self.run_dir, iteration, state, grid.rank, meta, self.cadence.keep)
+
+    def _restore(self, directory: Path) -> None:
+        """Continue exactly where the checkpoint left off: weights, optimizer, loss scale, RNG, data position."""
+        state = checkpoint.load_rank(directory, self.grid.rank)
+        path = checkpoint.rank_file(directory, self.grid.rank)
+        checkpoint.load_into(self.model, state["model"], path, "model")
+        checkpoint.load_into(self.optimizer, state["optimizer"], path, "optimizer state")
+        if self.scaler and state["loss_scaler"]:
+            self.scaler.load_state_dict(state["loss_scaler"])
+        random.set_rng_state(state["rng"], self.device)
+        self.start_iteration = state["iteration"]  # the data position follows from it
+        log.info("resumed from %s at iteration %d", directory, self.start_iteration)
+
+    # --- one step ----------------------------------------------------------------------------------------------
+
+    def step(self, iteration: int) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """One optimizer step, with no host sync: the mean loss terms, the gradient norm (0.0 for a step that fp16
+        overflow skipped) and 1.0 if it was skipped, else 0.0, all on the device."""
+        lr = learning_rate(self.optimizer_cfg, iteration, self.cadence.iterations)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        terms = self.schedule.train(self.work.micro_batches(iteration))
+        clip = self.optimizer_cfg.clip_grad
+        norm, skipped = optimizer_step(self.optimizer, self.parameters, clip, self.grid, self.scaler)
+        return terms, norm, skipped
+
+    def _train_record(self, iteration: int, steps: int, means: dict, norm: float, skipped: float, seconds: float):
+        cost, world, peak = self.work.cost, self.grid.world_size, self.hardware.peak_tflops
+        step_time = seconds / steps
+        record = {"iteration": iteration, **{f"train/{name}": value for name, value in means.items()}}
+        if self.model.perplexity_term:
+            record["train/ppl"] = math.exp(min(means[self.model.perplexity_term], 700.0))
+        record |= {
+            "train/lr": learning_rate(self.optimizer_cfg, iteration, self.cadence.iterations),
+            "train/grad_norm": norm,
+            "train/skipped_steps": round(skipped),
+        }
+        if self.scaler:
+            record["train/loss_scale"] = self.scaler.scale.item()
+        record["perf/tokens_per_s"] = cost.tokens / step_time
+        record["perf/tflops_per_device"] = cost.model_flops / step_time / world / 1e12
+        if peak:
+            record["perf/mfu"] = flops.utilization(cost.model_flops, step_time, world, peak)
+            record["perf/hfu"] = flops.utilization(cost.executed_flops, step_time, world, peak)
+        record["perf/step_time_s"] = step_time
+        record["perf/peak_memory_gb"] = peak_memory_gb(self.device)
+        return record
+
+    # --- the loop ----------------------------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        """Train from the start (or the resumed) iteration to the last; returns the last train and eval record."""
+        c = self.cadence
+        window: dict[str, torch.Tensor] = {}  # sums since the last record; a skipped step adds a norm of 0
+        steps, record, window_start = 0, {}, time.perf_counter()
+        for iteration in range(self.start_iteration + 1, c.iterations + 1):
+            terms, norm, skipped = self.step(iteration)
+            for name, value in (*terms.items(), ("grad_norm", norm), ("skipped", skipped)):
+                window[name] = window[name] + value if name in window else value
+            steps += 1
+            last = iteration == c.iterations
+            evaluate = last or (c.eval_interval and iteration % c.eval_interval == 0)
+            if iteration % c.log_interval == 0 or last or evaluate:
+                names = list(terms)
+                *values, sum_norm, skipped_steps = dp_mean(
+                    [window[n] / steps for n in names] + [window["grad_norm"], window["skipped"]], self.grid
+                )
+                means = dict(zip(names, values, strict=True))
+                if not math.isfinite(means["loss"]):
+                    raise TrainingDiverged(
+                        f"loss became {means['loss']} within iterations {iteration - steps + 1}-{iteration}: lower "
+                        f"optimizer.lr (now {self.optimizer_cfg.lr}) or raise optimizer.warmup_iters; with fp16, try "
+                        "bf16"
+                    )
+                seconds = time.perf_counter() - window_start
+                mean_norm = sum_norm / max(1, steps - skipped_steps)
+                record = self._train_record(iteration, steps, means, mean_norm, skipped_steps, seconds)
+                if self.sinks:
+                    self.sinks.log(record)
+                window, steps, window_start = {}, 0, time.perf_counter()
+            if evaluate:
+                eval_start = time.perf_counter()
+                eval_record = {"iteration": iteration, **self.work.evaluate(iteration, last, self.schedule)}
+                record |= eval_record
+                if self.sinks:
+                    self.sinks.log(eval_record)
+                window_start += time.perf_counter() - eval_start  # evaluation time is not training time
+            periodic = c.checkpoint_interval and iteration % c.checkpoint_interval == 0
+            if periodic or (last and c.save_final):
+                save_start = time.perf_counter()
+                self.save_checkpoint(iteration)
+                window_start += time.perf_counter() - save_start
+        if self.sinks:
+            self.sinks.close()
+        return record
