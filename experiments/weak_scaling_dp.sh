@@ -6,7 +6,7 @@ set -uo pipefail  # a size that fails to submit or run is listed by the analysis
 sweep="outputs/multirun/weak_scaling_dp_$(date +%Y%m%d_%H%M%S)"
 for pair in 1b:1 2b:2 4b:4 8b:8; do
   size=${pair%:*}; tp=${pair#*:}
-  python -m megatron_exp.train -m "+scaling=weak_${size}_tp${tp}" hydra/launcher=slurm \
+  python -m megatron_exp.train -m "experiment=weak_${size}_tp${tp}" hydra/launcher=slurm \
     "hydra.launcher.nodes=$((tp * 64 / 8))" parallel.global_batch=512 train.iterations=50 train.eval_interval=0 \
     checkpoint.save_final=false "hydra.sweep.dir=$sweep/${size}" "$@"
 done

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import logging
 import math
@@ -22,7 +23,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException, MissingConfigException
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from megatron_exp import launch
@@ -35,6 +36,39 @@ CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
 
 
+_claimed: dict[str, str] = {}  # run directories this process has claimed, by the name asked for
+
+
+def unique_dir(name: str) -> str:
+    """Create the run directory `name`, or `name`-2, -3, ... if another run holds it; the same answer each time
+    this process asks (Hydra resolves its run directory more than once). os.mkdir is atomic: two runs started in
+    the same second never share a directory."""
+    if name not in _claimed:
+        for attempt in itertools.count(1):
+            candidate = name if attempt == 1 else f"{name}-{attempt}"
+            Path(candidate).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.mkdir(candidate)
+            except FileExistsError:
+                continue
+            _claimed[name] = candidate
+            break
+    return _claimed[name]
+
+
+def run_label(*, _root_: DictConfig) -> str:
+    """What a run directory is named after: <model>_tp<k> for training, <job type>_<task> for the tasks."""
+    if "model" in _root_:
+        return f"{_root_.model.name}_tp{_root_.parallel.tp}"
+    return f"{_root_.logger.job_type}_{_root_.task.name}"
+
+
+def _register() -> None:
+    register_schemas()
+    OmegaConf.register_new_resolver("unique_dir", unique_dir, replace=True)
+    OmegaConf.register_new_resolver("run_label", run_label, replace=True)
+
+
 def hydra_app(config_name: str) -> Callable:
     """`@hydra.main` for this project's entry points: the schemas are registered first, and a composition error
     (an unknown key or preset, a wrong type) exits 2 with a short message instead of Hydra's exit 1."""
@@ -44,7 +78,7 @@ def hydra_app(config_name: str) -> Callable:
 
         @functools.wraps(task)
         def app() -> None:
-            register_schemas()
+            _register()
             wants_trace = "HYDRA_FULL_ERROR" in os.environ
             os.environ["HYDRA_FULL_ERROR"] = "1"  # let composition errors reach us instead of being printed
             try:

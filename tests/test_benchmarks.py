@@ -5,9 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_cpu_benchmark_quick_run_reports_every_measurement(tmp_path):
     out = tmp_path / "bench.json"
     done = subprocess.run(
@@ -32,6 +35,7 @@ def test_cpu_benchmark_quick_run_reports_every_measurement(tmp_path):
     assert results["allocator"]["default_s"] > 0 and "glibc keeps freed memory" in done.stdout
 
 
+@pytest.mark.slow
 def test_gpu_benchmark_runs_on_cpu_with_a_tiny_model(tmp_path):
     out = tmp_path / "gpu.json"
     command = ["benchmarks/gpu_training.py", "--device", "cpu", "--model", "gpt_tiny", "--micro-batches", "2"]

@@ -79,9 +79,9 @@ def test_a_wrongly_typed_value_is_an_error():
         compose_config(["parallel.tp=two"])
 
 
-@pytest.mark.parametrize("option", _options("scaling"))
+@pytest.mark.parametrize("option", _options("experiment"))
 def test_scaling_recipes_pair_a_model_with_a_tp_degree(option):
-    cfg = compose_config([f"+scaling={option}"])
+    cfg = compose_config([f"experiment={option}"])
     tp = int(option.rsplit("tp", 1)[1])
     assert cfg.parallel.tp == tp and cfg.model.heads % tp == 0
     if option.startswith("weak_"):

@@ -46,6 +46,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
 def test_keeping_freed_memory_stops_the_steps_faulting_their_blocks_in_again():
     def faults(mode):

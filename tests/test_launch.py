@@ -35,6 +35,7 @@ def _alive(pid: int) -> bool:
     return ") Z " not in stat  # a zombie has exited
 
 
+@pytest.mark.slow
 def test_killing_one_worker_ends_every_process_and_names_the_rank(tmp_path, shared_cache):
     overrides = [*TINY, "parallel.tp=2", "parallel.dp=2", "train.iterations=100000", "logger.wandb=false"]
     job = _start(tmp_path, *overrides, cache=shared_cache)

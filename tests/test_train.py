@@ -121,6 +121,7 @@ def _wait_for(predicate, timeout: float, what: str) -> None:
         time.sleep(0.1)
 
 
+@pytest.mark.slow
 def test_a_run_killed_after_a_checkpoint_resumes_to_the_same_losses(tmp_path, shared_cache):
     grid = ["parallel.tp=2", "parallel.dp=2", "parallel.micro_batch=2", "parallel.global_batch=8"]
     with_dropout = ["model.hidden_dropout=0.1", "model.attention_dropout=0.1"]  # the RNG state must be restored
@@ -147,6 +148,7 @@ def test_a_run_killed_after_a_checkpoint_resumes_to_the_same_losses(tmp_path, sh
     assert final == expected  # bitwise: every iteration, including those re-run after the checkpoint
 
 
+@pytest.mark.slow
 def test_a_sweep_runs_every_job_in_one_group_and_the_analysis_lists_the_failed_ones(tmp_path, shared_cache):
     quick = [o for o in TINY if not o.startswith(("train.iterations", "model="))]
     quick += ["train.iterations=3", "logger.mode=offline", "checkpoint.save_final=false"]
@@ -186,6 +188,7 @@ def test_a_sweep_runs_every_job_in_one_group_and_the_analysis_lists_the_failed_o
     assert list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))  # the same figures as a W&B summary
 
 
+@pytest.mark.slow
 def test_compiled_layers_train_like_eager_ones_at_tp2(tmp_path, shared_cache):
     """train.compile=true compiles each layer in place: same losses and the same checkpoint keys as eager."""
     from megatron_exp.training import checkpoint
@@ -202,6 +205,7 @@ def test_compiled_layers_train_like_eager_ones_at_tp2(tmp_path, shared_cache):
     assert keys[True] == keys[False]
 
 
+@pytest.mark.slow
 def test_bert_resume_continues_exactly(tmp_path, shared_cache):
     """BERT samples (pairs, swaps, masks) follow from the data position: a resumed run repeats the original's
     losses bit for bit, dropout included."""

@@ -114,6 +114,7 @@ BERT_TINY = [
 ]
 
 
+@pytest.mark.slow
 def test_pretrain_tiny_bert_then_fine_tune_on_race(tmp_path, shared_cache):
     pretrained = tmp_path / "bert"
     done = train(pretrained, *BERT_TINY, "train.iterations=60", cache=shared_cache)
@@ -161,6 +162,7 @@ def test_pretrain_tiny_bert_then_fine_tune_on_race(tmp_path, shared_cache):
     assert all(math.isfinite(r["train/loss"]) and r["train/grad_norm"] > 0 for r in logged)
 
 
+@pytest.mark.slow
 def test_post_ln_and_pre_ln_bert_both_train_and_differ(tmp_path, shared_cache):
     losses = {}
     for layernorm in ("pre", "post"):
@@ -173,6 +175,7 @@ def test_post_ln_and_pre_ln_bert_both_train_and_differ(tmp_path, shared_cache):
     assert losses["pre"] != losses["post"]
 
 
+@pytest.mark.slow
 def test_race_refuses_a_gpt_checkpoint(tmp_path, shared_cache):
     gpt = tmp_path / "gpt"
     done = train(gpt, "model=gpt_tiny", "data.seq_len=32", "train.iterations=1", "train.eval_iters=1",

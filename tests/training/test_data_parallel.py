@@ -41,7 +41,7 @@ def serial(tmp_path_factory):
     return cache, run_dir
 
 
-@pytest.mark.parametrize("tp, dp", [(1, 2), (2, 2)])
+@pytest.mark.parametrize("tp, dp", [(1, 2), pytest.param(2, 2, marks=pytest.mark.slow)])
 def test_tp_and_dp_training_matches_serial_with_the_same_global_batch(tmp_path, serial, tp, dp):
     cache, serial_dir = serial
     overrides = [f"parallel.tp={tp}", f"parallel.dp={dp}", "parallel.micro_batch=4"]
