@@ -3,10 +3,12 @@
 Reads each job's config.yaml, metrics.jsonl, results.json or failed.json (no network; a job is any directory
 under the sweep that Hydra marked with .hydra/) and writes, into the sweep
 directory, scaling.md and scaling.csv (one row per job: throughput, TFLOP/s per device, MFU, and efficiency
-against the TP=1 job of the sweep) and scaling.png. Throughput numbers are medians over the logged windows after
+against the TP=1 job of its series) and scaling.png. Throughput numbers are medians over the logged windows after
 the first (which includes start-up). Two readings of efficiency, as in the paper's Figure 5: weak scaling (the
 model grows with TP) compares TFLOP/s per device with the TP=1 baseline; strong scaling (one model) compares
-tokens/s, as a speedup. The paper's numbers are shown beside where it reports them.
+tokens/s, as a speedup. Jobs are compared only within their series: one experiment family of conf/experiment/
+(the model growing with TP, as the paper pairs them), otherwise one model: never one model against another's
+baseline. The paper's numbers are shown beside where it reports them.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import re
 import statistics
 from pathlib import Path
 
@@ -36,13 +39,24 @@ PAPER_WEAK_EFFICIENCY = {1: 1.0, 8: 0.77}
 PAPER_STRONG_SPEEDUP = {1: 1.0, 2: 1.64, 4: 2.34, 8: 2.98}
 
 
+def _series(job: Path, model: str) -> str:
+    """Which jobs compare with each other: those of one experiment family (conf/experiment/: weak_1b_tp1 ...
+    weak_8b_tp8 are one weak-scaling series, cpu_weak_tp1 ... another), else those of one model."""
+    hydra = job / ".hydra" / "hydra.yaml"
+    choices = yaml.safe_load(hydra.read_text())["hydra"]["runtime"]["choices"] if hydra.is_file() else {}
+    experiment = choices.get("experiment")
+    return re.sub(r"_(\d+[bmk]_)?tp\d+$", "", experiment) if experiment else model
+
+
 def read_job(job: Path) -> dict:
     # The resolved config of a job that started; Hydra's composed one for a job that failed before that.
     source = job / "config.yaml" if (job / "config.yaml").is_file() else job / ".hydra" / "config.yaml"
     config = yaml.safe_load(source.read_text())
+    model = config.get("model", {}).get("name", "?")
     row = {
         "job": job.name,
-        "model": config.get("model", {}).get("name", "?"),
+        "series": _series(job, model),
+        "model": model,
         "tp": config.get("parallel", {}).get("tp"),
         "dp": config.get("parallel", {}).get("dp"),
     }
@@ -68,9 +82,9 @@ def analyze(sweep: Path, mode: str) -> list[dict]:
     jobs = sorted(marker.parent for marker in sweep.rglob(".hydra") if marker.is_dir())
     rows = [{**read_job(job), "job": str(job.relative_to(sweep))} for job in jobs]
     done = [r for r in rows if r["status"] == "done"]
-    base = next((r for r in done if r["tp"] == 1), None)
-    for row in done:
-        if base is None:
+    for row in done:  # each against the lowest TP degree of its own series, never of another model
+        base = min((r for r in done if r["series"] == row["series"]), key=lambda r: r["tp"])
+        if base["tp"] != 1:
             continue
         if mode == "weak":
             row["efficiency"] = row["tflops_per_device"] / base["tflops_per_device"]
@@ -81,7 +95,7 @@ def analyze(sweep: Path, mode: str) -> list[dict]:
     return rows
 
 
-COLUMNS = ["job", "model", "tp", "dp", "status", "tokens_per_s", "tflops_per_device", "mfu", "efficiency",
+COLUMNS = ["job", "series", "model", "tp", "dp", "status", "tokens_per_s", "tflops_per_device", "mfu", "efficiency",
            "paper_efficiency", "speedup", "paper_speedup", "final_valid_loss", "error"]  # fmt: skip
 
 
@@ -108,7 +122,9 @@ def write_outputs(rows: list[dict], sweep: Path, mode: str) -> list[Path]:
     left.set_ylabel("TFLOP/s per device")
     left.set_title("throughput per device")
     key, paper = ("efficiency", PAPER_WEAK_EFFICIENCY) if mode == "weak" else ("speedup", PAPER_STRONG_SPEEDUP)
-    right.plot([r["tp"] for r in done], [r.get(key) for r in done], "o-", label="this sweep")
+    for series in dict.fromkeys(r["series"] for r in done):
+        points = [r for r in done if r["series"] == series and r.get(key) is not None]
+        right.plot([r["tp"] for r in points], [r[key] for r in points], "o-", label=f"{series} (this sweep)")
     right.plot(list(paper), list(paper.values()), "s--", label="paper (Shoeybi et al. 2019)")
     right.set_xlabel("TP degree")
     right.set_ylabel(f"{mode} scaling {key}")

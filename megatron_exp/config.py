@@ -249,8 +249,9 @@ class HardwareConfig(Schema):
     backend: str = checked("auto", choices=("auto", "gloo", "nccl"))
     # fp32 | bf16 | fp16 (fp16 uses dynamic loss scaling); CPU: fp32
     precision: str = checked("auto", choices=("auto", "fp32", "bf16", "fp16"))
-    # dense peak per device; None on CPU: measured by a matmul probe at start
+    # dense peak per device; None on CPU: the fp32 matmul ceiling, measured once per machine and kept in peak_cache
     peak_tflops: float | None = checked(None, above=0.0)
+    peak_cache: str = "~/.cache/megatron-exp/cpu_peak.json"  # delete it to measure the CPU again
     memory_gb: float | None = checked(None, above=0.0)  # per device; None: detected
     # None: detected (GPUs); CPU workers are processes and may share cores
     devices_per_node: int | None = checked(None, **POSITIVE)
@@ -267,6 +268,8 @@ class LoggerConfig(Schema):
     group: str | None = None
     tags: list[str] = field(default_factory=list)
     job_type: str = "train"
+    # W&B gets this long to start (in the background: training does not wait); without a network it gives up
+    init_timeout_s: int = checked(30, **POSITIVE)
 
 
 @dataclass
@@ -286,6 +289,9 @@ class CheckpointConfig(Schema):
     interval: int = checked(1000, **NON_NEGATIVE)  # save every N iterations; 0: no periodic saves
     keep: int = checked(3, **NON_NEGATIVE)  # complete checkpoints kept on disk, newest first; 0: keep all
     save_final: bool = True  # save after the last iteration too
+    # save when SIGINT/SIGTERM stops the run (at the step boundary all ranks agree on); None: on under SLURM, where
+    # preemption sends SIGTERM
+    on_signal: bool | None = None
     # Start from the weights of this run or checkpoint directory (any TP degree; e.g. from convert): fine-tuning.
     # The optimizer and data position start fresh; model.* must match the checkpoint's model.
     init_from: str | None = None

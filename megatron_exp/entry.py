@@ -11,10 +11,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-import json
 import logging
-import math
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +28,8 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 from megatron_exp import launch
 from megatron_exp.config import ConfigError, RunSpec, from_composed, register_schemas, unknown_key
 from megatron_exp.parallel.state import ProcessGrid
+from megatron_exp.training.metrics import write_json
+from megatron_exp.training.stop import Interrupted
 
 log = logging.getLogger("megatron_exp")
 
@@ -120,21 +121,6 @@ def _fail(code: int, message: str) -> None:
     sys.exit(code)
 
 
-def json_safe(value):
-    """NaN and infinities as null (JSON has neither), recursively."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_safe(v) for v in value]
-    return value
-
-
-def write_json(path: Path, value) -> None:
-    path.write_text(json.dumps(json_safe(value), indent=2, allow_nan=False))
-
-
 def run(
     raw: DictConfig,
     schema: type,
@@ -155,11 +141,25 @@ def run(
         spec = prepare(cfg, run_dir, joined)
     except ConfigError as error:
         return _fail(EXIT_BAD_INPUT, str(error))
+    except KeyboardInterrupt:
+        log.error("interrupted before any worker started (SIGINT)")
+        sys.exit(128 + signal.SIGINT)
     log.info("run directory: %s", spec.run_dir)
     try:
         result = launch.run(spec, work)
     except launch.WorkerFailed as error:
         return _fail(EXIT_FAILED, str(error))
+    except Interrupted as stopped:
+        where = "before training started" if stopped.iteration is None else f"at iteration {stopped.iteration}"
+        resume = ""
+        if hasattr(spec.config, "resume"):
+            resume = (
+                f"; continue with resume={spec.run_dir}"
+                if stopped.checkpoint
+                else "; no checkpoint to resume from yet (checkpoint.on_signal=true saves one on a signal)"
+            )
+        log.error("interrupted %s (%s)%s", where, signal.Signals(stopped.signum).name, resume)
+        sys.exit(stopped.exit_code)
     if result is None:
         return None
     if report:

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import json
 import os
+import platform
 import resource
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
 
 import torch
 
@@ -90,19 +93,60 @@ def keep_freed_cpu_memory() -> bool:
 
 
 def measure_cpu_matmul_tflops(size: int = 2048, seconds: float = 1.0) -> float:
-    """fp32 matmul throughput of this process's threads (use all cores: it is the machine's ceiling)."""
+    """fp32 matmul throughput of this process's threads (use all cores: it is the machine's ceiling).
+
+    Counted per CPU-second this process was given, times its threads: another process busy on the machine
+    takes cores away from the probe (wall-clock throughput halved on 2 cores) but not speed from them, so the
+    ceiling measured is the cores' own (5% apart with and without a competing process, where wall clock gave 2x).
+    """
     a, b = torch.randn(size, size), torch.randn(size, size)
     a @ b  # warm-up
-    count, start = 0, time.perf_counter()
-    while (elapsed := time.perf_counter() - start) < seconds:
+    count, start, cpu_start = 0, time.perf_counter(), time.process_time()
+    while time.perf_counter() - start < seconds:
         a @ b
         count += 1
-    return 2 * size**3 * count / elapsed / 1e12
+    cpu_seconds = time.process_time() - cpu_start
+    return 2 * size**3 * count / cpu_seconds * torch.get_num_threads() / 1e12
+
+
+PEAK_PROBE_TRIALS, PEAK_PROBE_SECONDS = 8, 0.5
+
+
+def _machine_key() -> str:
+    """What the CPU peak depends on: the CPU model, the cores, and torch (its kernels)."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
+    model = model or platform.processor() or platform.machine()
+    return f"{model} | {os.cpu_count()} cores | torch {torch.__version__}"
+
+
+def cpu_peak_tflops(cache: str) -> tuple[float, str]:
+    """(the fp32 matmul ceiling of this machine's CPU, where it comes from): measured once per machine and torch
+    version, the best of PEAK_PROBE_TRIALS probes, and kept in `cache` for every later run: a peak measured
+    afresh at each start (by wall clock) moved 2x within an hour on a shared machine, and MFU with it."""
+    path = Path(cache).expanduser()
+    key = _machine_key()
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if isinstance(known.get(key), float):
+        return known[key], f"cached in {path}"
+    peak = max(measure_cpu_matmul_tflops(seconds=PEAK_PROBE_SECONDS) for _ in range(PEAK_PROBE_TRIALS))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps({**(known if isinstance(known, dict) else {}), key: peak}, indent=2))
+        os.replace(tmp, path)
+    except OSError:
+        return peak, "measured now (the cache could not be written)"
+    return peak, f"measured now, cached in {path}"
 
 
 def resolve(hw: HardwareConfig, workers_sharing_cpu: int, measure_peak: bool = True) -> HardwareConfig:
-    """Fill every field left at "auto"/None from the machine. On CPU the peak per worker is the measured matmul
-    ceiling of the whole CPU divided by the workers that share it (left unknown without `measure_peak`)."""
+    """Fill every field left at "auto"/None from the machine. On CPU the peak per worker is the matmul ceiling of
+    the whole CPU (`cpu_peak_tflops`) divided by the workers that share it (left unknown without `measure_peak`);
+    hardware.peak_tflops pins it instead."""
     detected = detect() if hw.device in ("auto", "cuda") else HardwareConfig(name="cpu", device="cpu")
     if hw.device == "cpu":
         detected.backend, detected.precision = "gloo", "fp32"
@@ -117,6 +161,8 @@ def resolve(hw: HardwareConfig, workers_sharing_cpu: int, measure_peak: bool = T
         if resolved.memory_gb is None:
             resolved.memory_gb = cpu_memory_gb()
         if resolved.peak_tflops is None and measure_peak:
-            resolved.peak_tflops = measure_cpu_matmul_tflops() / workers_sharing_cpu
-            resolved.name = f"cpu (peak = measured fp32 matmul / {workers_sharing_cpu} workers)"
+            peak, source = cpu_peak_tflops(resolved.peak_cache)
+            resolved.peak_tflops = peak / workers_sharing_cpu
+            shared = f"/ {workers_sharing_cpu} workers"
+            resolved.name = f"cpu (peak = fp32 matmul ceiling {peak:.3g} TFLOP/s, {source}, {shared})"
     return resolved

@@ -7,10 +7,12 @@ time out after parallel.timeout_s instead of hanging.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import shutil
+import signal
 import socket
 import sys
 import uuid
@@ -20,14 +22,16 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
+from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException, Std
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+from megatron_exp import failures
 from megatron_exp.config import HardwareConfig, ParallelConfig, RunSpec
 from megatron_exp.hardware import keep_freed_cpu_memory
 from megatron_exp.parallel import state
 from megatron_exp.parallel.state import ProcessGrid
+from megatron_exp.training import stop
 
 log = logging.getLogger(__name__)
 
@@ -88,15 +92,36 @@ def start_worker(hardware: HardwareConfig, parallel: ParallelConfig) -> ProcessG
 
 
 def run_rank(work: Callable[[RunSpec, ProcessGrid], dict | None], spec: RunSpec) -> dict | None:
-    """One rank: the grid, `work(spec, grid)`, teardown together. Returns global rank 0's result, else None."""
+    """One rank: the grid, `work(spec, grid)`, teardown together. Returns global rank 0's result, else None.
+
+    SIGINT and SIGTERM become a stop request that the training loop honours at a step boundary (training/stop.py);
+    a collective that times out is followed by a check of who stopped answering (failures.diagnose_timeout)."""
     cfg = spec.config
     grid = start_worker(cfg.hardware, cfg.parallel)
+    stop.listen()
     try:
         result = work(spec, grid)
-        dist.barrier()  # tear down together: gloo can abort if a peer destroys its groups mid-exchange
+        _teardown_together(grid, cfg)
         return result if grid.rank == 0 else None
+    except Exception as error:
+        if grid.control is not None and failures.is_collective_timeout(error):
+            failures.diagnose_timeout(grid.control, min(cfg.parallel.timeout_s, 60))
+        raise
     finally:
         state.destroy()
+
+
+def _teardown_together(grid: ProcessGrid, cfg) -> None:
+    """Wait for every rank before destroying the groups (gloo can abort if a peer destroys its groups
+    mid-exchange). Through the job's store, not a collective: rank 0 may still be finishing W&B (whose start is
+    bounded by logger.init_timeout_s), and no rank should hit parallel.timeout_s waiting for that."""
+    if grid.control is None:
+        return
+    store = dist.distributed_c10d._get_default_store()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    store.set(f"megatron_exp/done/{rank}", "1")
+    seconds = cfg.parallel.timeout_s + cfg.logger.init_timeout_s + 60
+    store.wait([f"megatron_exp/done/{r}" for r in range(world)], timedelta(seconds=seconds))
 
 
 @record
@@ -106,7 +131,10 @@ def _spawned_worker(work: Callable[[RunSpec, ProcessGrid], dict | None], spec: R
     _setup_worker_logging(rank)
     # Every rank says where it runs, so a stuck or killed rank can be found (logs/<job>/attempt_0/<rank>/).
     print(f"[rank {rank}] pid {os.getpid()} on {socket.gethostname()}", flush=True)
-    return run_rank(work, spec)
+    try:
+        return run_rank(work, spec)
+    except stop.Interrupted as stopped:
+        sys.exit(stopped.exit_code)  # a stop, not an error: no error file, and the launcher reports the signal
 
 
 def run(spec: RunSpec, work: Callable[[RunSpec, ProcessGrid], dict | None]) -> dict | None:
@@ -140,15 +168,25 @@ def spawn(entry: Callable, args: tuple, workers: int, run_dir: str | Path):
     )
     # The agent would dump each failed worker's traceback again; it is already on the console and in the logs.
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
+    logging.getLogger("torch.distributed.elastic.agent.server.api").setLevel(logging.ERROR)  # we report signals
     try:
         results = elastic_launch(launch, entry)(*args)
+    except SignalException as received:  # this process was signalled; the workers have stopped (or been killed)
+        raise stop.Interrupted(received.sigval, *_interrupted_at(run_dir)) from None
     except ChildFailedError as failure:
-        rank, first = failure.get_first_failure()
-        message = first.message.get("message", "") if isinstance(first.message, dict) else first.message
-        raise WorkerFailed(
-            f"worker rank {rank} failed (exit code {first.exitcode}): {str(message).strip()} (logs: {logs})"
-        ) from None
+        _, first = failure.get_first_failure()
+        if first.exitcode - 128 in (signal.SIGINT, signal.SIGTERM):  # only the workers were signalled
+            raise stop.Interrupted(first.exitcode - 128, *_interrupted_at(run_dir)) from None
+        raise WorkerFailed(f"{failures.root_cause(failure, workers)} (logs: {logs})") from None
     return results[0]
+
+
+def _interrupted_at(run_dir: str | Path) -> tuple[int | None, str | None]:
+    """(the iteration after which the workers stopped on a signal, the newest checkpoint), as rank 0 recorded them;
+    (None, None) if they stopped before training started."""
+    path = Path(run_dir) / "interrupted.json"
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    return record.get("iteration"), record.get("checkpoint")
 
 
 def init_joined_job(hardware: HardwareConfig, parallel: ParallelConfig) -> None:

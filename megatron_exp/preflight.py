@@ -41,6 +41,8 @@ def resolve(composed: Config, world_size: int | None = None, measure_peak: bool 
         cfg.data.seq_len = cfg.model.seq_len
     if cfg.optimizer.decay_iters is None:
         cfg.optimizer.decay_iters = cfg.train.iterations
+    if cfg.checkpoint.on_signal is None:
+        cfg.checkpoint.on_signal = "SLURM_JOB_ID" in os.environ
     # Spawned workers share the CPU that this process measures alone; torchrun ranks each measure their own share.
     sharing = 1 if world_size else par.tp * par.dp * par.pp
     cfg.hardware = hardware.resolve(cfg.hardware, sharing, measure_peak)

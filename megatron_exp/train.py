@@ -37,20 +37,38 @@ def _prepare_data(cfg: Config, run_dir: str) -> None:
             f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {tokenizer_vocab} entries: "
             f"set model.vocab_size={tokenizer_vocab} (or leave it to follow data.tokenizer.vocab_size)"
         )
+    trainer.load_samples(cfg)  # every split holds at least one sample (else one line here, not in every worker)
 
 
-def _newest_run_with_checkpoint(outputs: Path) -> Path:
-    pointers = sorted(outputs.glob("**/checkpoints/latest"), key=lambda p: p.stat().st_mtime)
+def _newest_matching_checkpoint(cfg: Config, outputs: Path) -> Path:
+    """resume=true: the newest checkpoint under `outputs` whose model and layout are this config's."""
+    pointers = sorted(outputs.glob("**/checkpoints/latest"), key=lambda p: p.stat().st_mtime, reverse=True)
     if not pointers:
         raise ConfigError(f"resume=true but no run under {outputs.resolve()} has a checkpoint: give resume=<run dir>")
-    return pointers[-1].parents[1]
+    nearest = None
+    for pointer in pointers:
+        directory = checkpoint.find_latest(pointer.parents[1])
+        if directory is None:
+            continue
+        differ = _differences(cfg, checkpoint.read_meta(directory))
+        if not differ:
+            log.info("resume=true: continuing %s, the newest run with this model and layout", directory.parents[1])
+            return directory
+        nearest = nearest or (directory, differ)
+    where = f"; the newest, {nearest[0].parents[1]}, has {', '.join(nearest[1])}" if nearest else ""
+    raise ConfigError(
+        f"resume=true but no run under {outputs.resolve()} has a checkpoint of this model and layout{where}: give "
+        "resume=<run dir>, or the overrides of the run to continue"
+    )
 
 
-def _differences(cfg: Config, meta: dict, keys: dict[str, object]) -> list[str]:
+def _differences(cfg: Config, meta: dict, layout: bool = True) -> list[str]:
+    """What differs between this config and a checkpoint's meta.json: the model (dropout aside), and the layout."""
     saved = {
         f"model.{k}": v for k, v in meta["model"].items() if k not in ("name", "hidden_dropout", "attention_dropout")
     }
-    saved |= keys
+    if layout:
+        saved |= {"parallel.tp": meta["tp"], "parallel.dp": meta["dp"]}
     ours = {"parallel.tp": cfg.parallel.tp, "parallel.dp": cfg.parallel.dp}
     ours |= {f"model.{k}": v for k, v in asdict(cfg.model).items()}
     return [f"{key}={ours.get(key)} (checkpoint: {value})" for key, value in saved.items() if ours.get(key) != value]
@@ -59,7 +77,7 @@ def _differences(cfg: Config, meta: dict, keys: dict[str, object]) -> list[str]:
 def _resolve_init_from(cfg: Config) -> str:
     """The checkpoint directory that checkpoint.init_from names, checked against this config's model."""
     directory = checkpoint.require(Path(cfg.checkpoint.init_from).expanduser(), "checkpoint.init_from")
-    differ = _differences(cfg, checkpoint.read_meta(directory), {})
+    differ = _differences(cfg, checkpoint.read_meta(directory), layout=False)
     if differ:
         raise ConfigError(
             f"checkpoint.init_from={cfg.checkpoint.init_from}: the model differs: {', '.join(differ)}; set model.* "
@@ -70,16 +88,22 @@ def _resolve_init_from(cfg: Config) -> str:
 
 def _resolve_resume(cfg: Config, run_dir: str) -> tuple[str, str]:
     """(the checkpoint directory to load, its run directory), checked against this config."""
-    target = Path(cfg.resume).expanduser()
     if cfg.resume.lower() in ("true", "latest"):
-        target = _newest_run_with_checkpoint(Path("outputs"))
-    directory = checkpoint.require(target, "resume")
+        directory = _newest_matching_checkpoint(cfg, Path("outputs"))
+    else:
+        directory = checkpoint.require(Path(cfg.resume).expanduser(), "resume")
     meta = checkpoint.read_meta(directory)
-    differ = _differences(cfg, meta, {"parallel.tp": meta["tp"], "parallel.dp": meta["dp"]})
+    differ = _differences(cfg, meta)
     if differ:
         raise ConfigError(
             f"resume={cfg.resume}: {directory} was saved with another setup: {', '.join(differ)}; pass the run's "
             "original overrides (see its config.yaml), or convert the checkpoint with python -m megatron_exp.convert"
+        )
+    if meta["iteration"] >= cfg.train.iterations:
+        raise ConfigError(
+            f"resume={cfg.resume}: {directory} is at iteration {meta['iteration']}, already train.iterations="
+            f"{cfg.train.iterations}: nothing to train; to go on, raise train.iterations (e.g. "
+            f"train.iterations={2 * meta['iteration']})"
         )
     launch.remove_if_only_hydra_files(Path(run_dir))  # this invocation's fresh directory is not needed
     return str(directory.resolve()), str(directory.parents[1].resolve())

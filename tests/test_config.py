@@ -1,7 +1,30 @@
+import dataclasses
+import typing
+
 import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
-from megatron_exp.config import Config, ConfigError, ModelConfig
+from megatron_exp.config import (
+    SCHEMAS,
+    CheckpointConfig,
+    Config,
+    ConfigError,
+    ConvertConfig,
+    DataConfig,
+    HardwareConfig,
+    LoggerConfig,
+    ModelConfig,
+    OptimizerConfig,
+    ParallelConfig,
+    RaceConfig,
+    RaceTaskConfig,
+    RunSpec,
+    Schema,
+    TaskConfig,
+    TokenizerConfig,
+    TrainConfig,
+    check_ranges,
+)
 from tests.conftest import CONF_DIR, compose_config
 
 
@@ -86,3 +109,77 @@ def test_scaling_recipes_pair_a_model_with_a_tp_degree(option):
     assert cfg.parallel.tp == tp and cfg.model.heads % tp == 0
     if option.startswith("weak_"):
         assert cfg.model.name == f"gpt_{option.split('_')[1]}" and cfg.optimizer.name == "adam"
+
+
+# One out-of-range value for every numeric key of every schema section (a new key needs a case here).
+OUT_OF_RANGE = {
+    ModelConfig: {"hidden": 0, "heads": 0, "layers": -1, "vocab_size": 0, "seq_len": 0, "hidden_dropout": 1.0,
+                  "attention_dropout": -0.1, "init_std": 0.0, "layernorm_eps": -1e-5},
+    ParallelConfig: {"tp": 0, "dp": 0, "pp": 0, "micro_batch": 0, "global_batch": 0, "timeout_s": 0},
+    OptimizerConfig: {"lr": 0.0, "min_lr": -1e-5, "warmup_iters": -1, "decay_iters": 0, "weight_decay": -0.01,
+                      "beta1": 1.0, "beta2": -0.5, "eps": 0.0, "clip_grad": -1.0},
+    TokenizerConfig: {"vocab_size": 0},
+    DataConfig: {"seq_len": 0, "num_proc": 0},
+    HardwareConfig: {"peak_tflops": 0.0, "memory_gb": -8.0, "devices_per_node": 0},
+    LoggerConfig: {"init_timeout_s": 0},
+    TrainConfig: {"iterations": 0, "log_interval": 0, "eval_interval": -1, "eval_iters": 0, "seed": -1},
+    CheckpointConfig: {"interval": -1, "keep": -1},
+    ConvertConfig: {"tp": 0},
+    TaskConfig: {"seq_len": 0, "stride": 0, "micro_batch": 0, "max_examples": 0},
+    RaceTaskConfig: {"seq_len": 0, "max_qa_len": 0, "epochs": 0, "warmup_fraction": 1.5, "max_questions": 0},
+    RaceConfig: {"seed": -1, "log_interval": 0},
+}  # fmt: skip
+
+
+def _sections(schema, seen=None) -> set[type]:
+    seen = set() if seen is None else seen
+    seen.add(schema)
+    for f in dataclasses.fields(schema):
+        nested = getattr(schema(), f.name) if f.default is dataclasses.MISSING else None
+        if isinstance(nested, Schema) and type(nested) not in seen:
+            _sections(type(nested), seen)
+    return seen
+
+
+def _numeric_keys(section: type) -> set[str]:
+    hints = typing.get_type_hints(section)
+    numeric = {int, float, int | None, float | None}
+    return {f.name for f in dataclasses.fields(section) if hints[f.name] in numeric}
+
+
+def test_every_numeric_key_of_every_schema_has_an_out_of_range_case():
+    sections = set().union(*(_sections(schema) for schema in SCHEMAS.values()))
+    assert {s: _numeric_keys(s) for s in sections if _numeric_keys(s)} == {s: set(v) for s, v in OUT_OF_RANGE.items()}
+
+
+@pytest.mark.parametrize(
+    "section, key, value", [(s, k, v) for s, cases in OUT_OF_RANGE.items() for k, v in cases.items()],
+    ids=lambda x: getattr(x, "__name__", str(x)),
+)  # fmt: skip
+def test_an_out_of_range_value_is_one_line_naming_the_key(section, key, value):
+    with pytest.raises(ConfigError, match=rf"^x\.{key}={value} must be ") as failure:
+        check_ranges(section(**{key: value}), "x.")
+    assert "\n" not in str(failure.value)
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        (dict(lr=1e-4, min_lr=2e-4), r"^optimizer.min_lr=0.0002 exceeds optimizer.lr=0.0001: .* set optimizer.min_lr"),
+        (dict(warmup_iters=100, decay_iters=50), r"^optimizer.decay_iters=50 is shorter than optimizer.warmup_iters"),
+    ],
+)
+def test_the_schedule_values_are_checked_against_each_other(values, message):
+    with pytest.raises(ConfigError, match=message):
+        OptimizerConfig(**values).validate()
+
+
+def test_a_name_outside_its_choices_lists_them():
+    with pytest.raises(ConfigError, match=r"^x.arch=gpt3 is unknown: use gpt or bert$"):
+        check_ranges(ModelConfig(arch="gpt3"), "x.")
+
+
+def test_a_resolved_config_is_read_only():
+    spec = RunSpec(Config(), "/tmp/run", workers=1)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.config.parallel.tp = 2

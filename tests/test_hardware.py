@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 
@@ -7,13 +8,32 @@ from megatron_exp import hardware
 from megatron_exp.config import HardwareConfig
 
 
-def test_cpu_peak_is_the_measured_matmul_ceiling_shared_by_the_workers(monkeypatch):
-    monkeypatch.setattr(hardware, "measure_cpu_matmul_tflops", lambda: 1.2)
-    resolved = hardware.resolve(HardwareConfig(), workers_sharing_cpu=4)
+def test_cpu_peak_is_the_measured_matmul_ceiling_shared_by_the_workers(monkeypatch, tmp_path):
+    monkeypatch.setattr(hardware, "measure_cpu_matmul_tflops", lambda seconds: 1.2)
+    resolved = hardware.resolve(HardwareConfig(peak_cache=str(tmp_path / "peak.json")), workers_sharing_cpu=4)
     assert (resolved.device, resolved.backend, resolved.precision) == ("cpu", "gloo", "fp32")
     assert resolved.peak_tflops == 0.3
     assert "measured" in resolved.name
     assert resolved.memory_gb == hardware.cpu_memory_gb()
+
+
+def test_the_cpu_peak_is_measured_once_per_machine_and_reused(monkeypatch, tmp_path):
+    probes = []
+
+    def probe(seconds):
+        probes.append(seconds)
+        return [0.30, 0.35, 0.33][len(probes) % 3]  # a busy moment lowers a probe: the best one is kept
+
+    monkeypatch.setattr(hardware, "measure_cpu_matmul_tflops", probe)
+    cache = str(tmp_path / "peak.json")
+    first = hardware.resolve(HardwareConfig(peak_cache=cache), workers_sharing_cpu=1)
+    assert len(probes) == hardware.PEAK_PROBE_TRIALS and first.peak_tflops == 0.35 and "measured now" in first.name
+    again = hardware.resolve(HardwareConfig(peak_cache=cache), workers_sharing_cpu=2)
+    assert len(probes) == hardware.PEAK_PROBE_TRIALS  # no new probe
+    assert again.peak_tflops == 0.175 and f"cached in {cache}" in again.name
+    pinned = hardware.resolve(HardwareConfig(peak_cache=str(tmp_path / "other.json"), peak_tflops=1.5), 2)
+    assert pinned.peak_tflops == 1.5 and len(probes) == hardware.PEAK_PROBE_TRIALS
+    assert hardware._machine_key() in json.loads((tmp_path / "peak.json").read_text())
 
 
 def test_explicit_values_are_kept():

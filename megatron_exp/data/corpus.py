@@ -14,6 +14,7 @@ import numpy as np
 from datasets import Dataset, DatasetDict, load_dataset
 
 from megatron_exp.config import ConfigError, DataConfig
+from megatron_exp.data.files import check_corpus_file
 
 SPLITS = ("train", "valid", "test")
 _HUB_SPLIT_NAMES = {"train": ("train",), "valid": ("validation", "valid", "dev"), "test": ("test",)}
@@ -106,12 +107,28 @@ def load_splits(cfg: DataConfig) -> dict[str, Dataset]:
         if len(formats) > 1:
             raise ConfigError(f"data.source={cfg.source} mixes formats {sorted(formats)}: use one format")
         fmt = formats.pop()
+        for file in files:
+            check_corpus_file(Path(file), fmt, "data.source", cfg.text_field)
         options = {"sample_by": cfg.sample_by} if fmt == "text" else {}
-        loaded = DatasetDict({"train": load_dataset(fmt, data_files=files, split="train", **options)})
+        try:
+            loaded = DatasetDict({"train": load_dataset(fmt, data_files=files, split="train", **options)})
+        except Exception as error:  # what the checks above did not foresee, still as one line
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ConfigError(f"data.source={cfg.source} could not be read ({first_line})") from error
 
     found = {split: next((loaded[n] for n in names if n in loaded), None) for split, names in _HUB_SPLIT_NAMES.items()}
     if found["train"] is None:
         raise ConfigError(f"data.source={cfg.source} has no train split (splits: {list(loaded)})")
+    found = {split: _text_only(ds, cfg.text_field, cfg.source) if ds else None for split, ds in found.items()}
     if found["valid"] is None or found["test"] is None:
-        found = _split_by_fraction(found["train"], cfg.split_fractions)
-    return {split: _text_only(ds, cfg.text_field, cfg.source) for split, ds in found.items()}
+        found = _split_by_fraction(_not_blank(found["train"], "train", cfg), cfg.split_fractions)
+    return {split: _not_blank(docs, split, cfg) for split, docs in found.items()}
+
+
+def _not_blank(docs: Dataset, split: str, cfg: DataConfig) -> Dataset:
+    if len(docs) == 0:
+        raise ConfigError(
+            f"data.source={cfg.source}: the {split} split has no text (every document is blank): give a corpus with "
+            "text in it"
+        )
+    return docs

@@ -33,6 +33,9 @@ class ProcessGrid:
     tp: Group = Group()
     dp: Group = Group()
     pp: Group = Group()
+    # Every rank, on gloo whatever the backend: small CPU messages beside the training's collectives (a stop
+    # request, who stopped answering). None when there is one rank.
+    control: dist.ProcessGroup | None = field(default=None, compare=False)
 
     @property
     def world_size(self) -> int:
@@ -105,7 +108,8 @@ def initialize(
             handle = dist.new_group(ranks, timeout=timeout) if len(ranks) > 1 else None
             if rank in ranks:
                 dims[name] = Group(len(ranks), ranks.index(rank), handle)
-    _current = ProcessGrid(**dims)
+    control = dist.new_group(backend="gloo", timeout=timeout) if world > 1 else None
+    _current = ProcessGrid(**dims, control=control)
     return _current
 
 

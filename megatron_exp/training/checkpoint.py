@@ -27,8 +27,9 @@ LATEST = "latest"
 META = "meta.json"
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; the message names the file and what to do."""
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be used (a bad input: exit 2 before any worker starts, where it is found there);
+    the message names the file and what to do."""
 
 
 def checkpoints_root(run_dir: str | Path) -> Path:
@@ -54,10 +55,23 @@ def _write_atomically(path: Path, text: str) -> None:
 
 
 def _write_rank(directory: Path, rank: int, state: dict) -> None:
-    with open(rank_file(directory, rank), "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
+    path = rank_file(directory, rank)
+    try:
+        with open(path, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except (OSError, RuntimeError) as error:
+        raise CheckpointError(f"{_os_reason(error)} writing {path}: the previous checkpoint is kept") from error
+
+
+def _os_reason(error: BaseException) -> str:
+    """What the operating system said ("no space left on device"), which torch.save wraps in a C++ message."""
+    while error is not None and not isinstance(error, OSError):
+        error = error.__cause__ or error.__context__
+    if error is None or error.errno is None:
+        return "the write failed"
+    return os.strerror(error.errno).lower()
 
 
 def _commit(tmp: Path, final: Path, meta: dict, keep: int) -> None:
@@ -104,7 +118,17 @@ def save_all(run_dir: str | Path, iteration: int, states: list[dict], meta: dict
 
 
 def read_meta(directory: Path) -> dict:
-    return json.loads((directory / META).read_text())
+    path = Path(directory) / META
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(
+            f"{path} cannot be read ({type(error).__name__}: {error}): the checkpoint's description is damaged; "
+            "use another checkpoint of the run"
+        ) from None
+    if not isinstance(meta, dict) or "world_size" not in meta or "model" not in meta:
+        raise CheckpointError(f"{path} is not a megatron-exp checkpoint description (no world_size/model keys)")
+    return meta
 
 
 def missing_files(directory: Path) -> list[Path]:
@@ -116,7 +140,11 @@ def missing_files(directory: Path) -> list[Path]:
 
 
 def is_complete(directory: Path) -> bool:
-    return not missing_files(directory)
+    try:
+        return not missing_files(directory)
+    except CheckpointError as error:
+        log.warning("checkpoint: skipping %s: %s", directory, error)
+        return False
 
 
 def complete_checkpoints(root: Path) -> list[Path]:

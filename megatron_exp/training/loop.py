@@ -29,6 +29,7 @@ from megatron_exp.training import checkpoint, flops
 from megatron_exp.training.metrics import MetricSinks
 from megatron_exp.training.optim import DynamicLossScaler, build_optimizer, learning_rate, optimizer_step
 from megatron_exp.training.schedule import MicroBatches
+from megatron_exp.training.stop import Interrupted, StopAgreement
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ class Cadence:
     checkpoint_interval: int = 0  # 0: no periodic saves
     keep: int = 0  # complete checkpoints kept, newest first; 0: all
     save_final: bool = True
+    save_on_signal: bool = False  # a checkpoint when SIGINT/SIGTERM stops the run (SLURM preemption)
 
 
 @dataclass(frozen=True)
@@ -112,7 +114,10 @@ class TrainingLoop:
         self.start_iteration = 0
         if resume:
             self._restore(Path(resume))
-        self.sinks = MetricSinks(Path(run_dir), cadence.iterations, wandb) if grid.rank == 0 else None
+        self.stop = StopAgreement(grid.control)
+        self.sinks = None
+        if grid.rank == 0:
+            self.sinks = MetricSinks(Path(run_dir), cadence.iterations, wandb, after=self.start_iteration)
         if self.sinks:
             self._log_setup()
 
@@ -188,6 +193,13 @@ class TrainingLoop:
         if peak:
             record["perf/mfu"] = flops.utilization(cost.model_flops, step_time, world, peak)
             record["perf/hfu"] = flops.utilization(cost.executed_flops, step_time, world, peak)
+            if record["perf/hfu"] > 1 and self.sinks and not self.sinks.warned_utilization:
+                self.sinks.warned_utilization = True
+                log.warning(
+                    "MFU %.1f%% / HFU %.1f%% exceed 100%%: the peak is a measurement problem, not a result (%s); "
+                    "set hardware.peak_tflops, or delete the peak cache to measure it again",
+                    100 * record["perf/mfu"], 100 * record["perf/hfu"], self.hardware.name,
+                )  # fmt: skip
         record["perf/step_time_s"] = step_time
         record["perf/peak_memory_gb"] = peak_memory_gb(self.device)
         return record
@@ -195,47 +207,71 @@ class TrainingLoop:
     # --- the loop ----------------------------------------------------------------------------------------------
 
     def run(self) -> dict:
-        """Train from the start (or the resumed) iteration to the last; returns the last train and eval record."""
+        """Train from the start (or the resumed) iteration to the last; returns the last train and eval record.
+        A signal stops it at a step boundary (see training/stop.py): Interrupted is raised after the record, and
+        with `save_on_signal` a checkpoint, of that iteration."""
         c = self.cadence
-        window: dict[str, torch.Tensor] = {}  # sums since the last record; a skipped step adds a norm of 0
-        steps, record, window_start = 0, {}, time.perf_counter()
+        self.window: dict[str, torch.Tensor] = {}  # sums since the last record; a skipped step adds a norm of 0
+        self.steps, self.window_start, record = 0, time.perf_counter(), {}
         for iteration in range(self.start_iteration + 1, c.iterations + 1):
             terms, norm, skipped = self.step(iteration)
             for name, value in (*terms.items(), ("grad_norm", norm), ("skipped", skipped)):
-                window[name] = window[name] + value if name in window else value
-            steps += 1
+                self.window[name] = self.window[name] + value if name in self.window else value
+            self.steps += 1
             last = iteration == c.iterations
             evaluate = last or (c.eval_interval and iteration % c.eval_interval == 0)
             if iteration % c.log_interval == 0 or last or evaluate:
-                names = list(terms)
-                *values, sum_norm, skipped_steps = dp_mean(
-                    [window[n] / steps for n in names] + [window["grad_norm"], window["skipped"]], self.grid
-                )
-                means = dict(zip(names, values, strict=True))
-                if not math.isfinite(means["loss"]):
-                    raise TrainingDiverged(
-                        f"loss became {means['loss']} within iterations {iteration - steps + 1}-{iteration}: lower "
-                        f"optimizer.lr (now {self.optimizer_cfg.lr}) or raise optimizer.warmup_iters; with fp16, try "
-                        "bf16"
-                    )
-                seconds = time.perf_counter() - window_start
-                mean_norm = sum_norm / max(1, steps - skipped_steps)
-                record = self._train_record(iteration, steps, means, mean_norm, skipped_steps, seconds)
-                if self.sinks:
-                    self.sinks.log(record)
-                window, steps, window_start = {}, 0, time.perf_counter()
+                record = self._log_window(iteration)
             if evaluate:
                 eval_start = time.perf_counter()
                 eval_record = {"iteration": iteration, **self.work.evaluate(iteration, last, self.schedule)}
                 record |= eval_record
                 if self.sinks:
                     self.sinks.log(eval_record)
-                window_start += time.perf_counter() - eval_start  # evaluation time is not training time
-            periodic = c.checkpoint_interval and iteration % c.checkpoint_interval == 0
-            if periodic or (last and c.save_final):
+                self.window_start += time.perf_counter() - eval_start  # evaluation time is not training time
+            saved = (c.checkpoint_interval and iteration % c.checkpoint_interval == 0) or (last and c.save_final)
+            if saved:
                 save_start = time.perf_counter()
                 self.save_checkpoint(iteration)
-                window_start += time.perf_counter() - save_start
+                self.window_start += time.perf_counter() - save_start
+            signum = self.stop.boundary()
+            if signum and not last:
+                self._interrupt(iteration, signum, saved)
+        self.stop.finish()
         if self.sinks:
             self.sinks.close()
         return record
+
+    def _log_window(self, iteration: int) -> dict:
+        """The record of the steps since the last one (every rank takes part: the means are over DP)."""
+        names = [name for name in self.window if name not in ("grad_norm", "skipped")]
+        *values, sum_norm, skipped_steps = dp_mean(
+            [self.window[n] / self.steps for n in names] + [self.window["grad_norm"], self.window["skipped"]],
+            self.grid,
+        )
+        means = dict(zip(names, values, strict=True))
+        if not math.isfinite(means["loss"]):
+            raise TrainingDiverged(
+                f"loss became {means['loss']} within iterations {iteration - self.steps + 1}-{iteration}: lower "
+                f"optimizer.lr (now {self.optimizer_cfg.lr}) or raise optimizer.warmup_iters; with fp16, try bf16"
+            )
+        seconds = time.perf_counter() - self.window_start
+        mean_norm = sum_norm / max(1, self.steps - skipped_steps)
+        record = self._train_record(iteration, self.steps, means, mean_norm, skipped_steps, seconds)
+        if self.sinks:
+            self.sinks.log(record)
+        self.window, self.steps, self.window_start = {}, 0, time.perf_counter()
+        return record
+
+    def _interrupt(self, iteration: int, signum: int, saved: bool) -> None:
+        if self.steps:
+            self._log_window(iteration)
+        if self.cadence.save_on_signal and not saved:
+            self.save_checkpoint(iteration)
+        self.stop.finish()
+        latest = checkpoint.find_latest(self.run_dir)
+        latest = str(latest) if latest else None
+        if self.sinks:
+            self.sinks.interrupted(iteration, signum, latest)
+            self.sinks.close()
+        raise Interrupted(signum, iteration, latest)

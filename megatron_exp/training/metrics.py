@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import os
+import signal
+import threading
 import uuid
 from pathlib import Path
 
@@ -54,36 +58,101 @@ def console_line(record: dict, total_iterations: int) -> str:
     return " | ".join(parts)
 
 
+def json_safe(value):
+    """NaN and infinities as null (JSON has neither, and readers other than Python's reject them), recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def write_json(path: Path, value) -> None:
+    """`value` as a JSON file, written atomically (a crash never leaves half a file)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(json_safe(value), indent=2, allow_nan=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _keep_records_up_to(path: Path, iteration: int) -> None:
+    """Drop the records after `iteration` (a resumed run logs them again), atomically."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["iteration"] <= iteration]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(f"{line}\n" for line in kept))
+    os.replace(tmp, path)
+
+
 class MetricSinks:
-    def __init__(self, run_dir: Path, total_iterations: int, wandb_kwargs: dict | None):
-        self.total_iterations = total_iterations
-        self.jsonl = open(Path(run_dir) / "metrics.jsonl", "a")  # noqa: SIM115 - open for the whole run
-        self.wandb = None
+    def __init__(self, run_dir: Path, total_iterations: int, wandb_kwargs: dict | None, after: int = 0):
+        """`after`: the iteration a resumed run continues from; metrics.jsonl keeps each iteration once, so the
+        records past it (logged before the interruption, about to be logged again) are dropped."""
+        self.run_dir, self.total_iterations = Path(run_dir), total_iterations
+        self.warned_utilization = False  # a logged MFU above 100% is flagged once
+        (self.run_dir / "interrupted.json").unlink(missing_ok=True)  # from an earlier interruption, resumed now
+        if after:
+            _keep_records_up_to(self.run_dir / "metrics.jsonl", after)
+        self.jsonl = open(self.run_dir / "metrics.jsonl", "a")  # noqa: SIM115 - open for the whole run
+        self.wandb = None  # the W&B run, once it has started
+        self._waiting: list[dict] = []  # records logged while W&B starts
+        self._starting = None
         if wandb_kwargs is not None:
-            self._start_wandb(wandb_kwargs)
+            # In a thread: W&B may take up to its init_timeout (minutes without a network), and neither training
+            # nor the other ranks (waiting for this one in the first collective) should wait for it.
+            self._start_timeout = wandb_kwargs.get("settings", {}).get("init_timeout", 90) + 10
+            self._starting = threading.Thread(target=self._start_wandb, args=(wandb_kwargs,), daemon=True)
+            self._starting.start()
 
     def _start_wandb(self, kwargs: dict) -> None:
         try:
             import wandb
 
-            self.wandb = wandb.init(**kwargs)
+            self._started = wandb.init(**kwargs)
         except Exception as error:
+            self._started = None
             log.warning("W&B could not start (%s); training continues without it", error)
 
-    def log(self, record: dict) -> None:
-        """Write one record (must contain `iteration`) to every sink."""
-        self.jsonl.write(json.dumps(record) + "\n")
-        self.jsonl.flush()
-        log.info(console_line(record, self.total_iterations))
-        if self.wandb is not None:
+    def _to_wandb(self, record: dict | None, wait: bool = False) -> None:
+        """Send `record` (and those waiting) once W&B is up; until then they wait, and if it never starts they
+        stay only in metrics.jsonl."""
+        if record is not None and (self._starting is not None or self.wandb is not None):
+            self._waiting.append(record)
+        if self._starting is not None:
+            self._starting.join(timeout=self._start_timeout if wait else 0)
+            if self._starting.is_alive():
+                if wait:
+                    log.warning("W&B did not start within %d s; the metrics are in metrics.jsonl", self._start_timeout)
+                return
+            self._starting, self.wandb = None, self._started
+        waiting, self._waiting = self._waiting, []
+        for queued in waiting if self.wandb is not None else []:
             try:
-                self.wandb.log({k: v for k, v in record.items() if k != "iteration"}, step=record["iteration"])
+                self.wandb.log({k: v for k, v in queued.items() if k != "iteration"}, step=queued["iteration"])
             except Exception as error:
                 log.warning("W&B logging failed (%s); continuing without W&B", error)
                 self.wandb = None
+                return
+
+    def log(self, record: dict) -> None:
+        """Write one record (must contain `iteration`) to every sink."""
+        self.jsonl.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
+        self.jsonl.flush()
+        log.info(console_line(record, self.total_iterations))
+        self._to_wandb(record)
+
+    def interrupted(self, iteration: int, signum: int, latest_checkpoint: str | None) -> None:
+        """Say where a run stopped on a signal: interrupted.json (read by the launching process) and the log."""
+        record = {"iteration": iteration, "signal": signal.Signals(signum).name, "checkpoint": latest_checkpoint}
+        write_json(self.run_dir / "interrupted.json", record)
+        log.info("stopped by %s after iteration %d; newest checkpoint: %s", record["signal"], iteration,
+                 latest_checkpoint or "none")  # fmt: skip
 
     def close(self) -> None:
         self.jsonl.close()
+        self._to_wandb(None, wait=True)
         if self.wandb is not None:
             try:
                 self.wandb.finish()
@@ -113,7 +182,13 @@ def wandb_settings(
         "config": config,
         "dir": run_dir,
         "mode": lg.mode,
-        "settings": {"console": "off", "quiet": True, "x_disable_stats": True, "disable_git": True},
+        "settings": {
+            "console": "off",
+            "quiet": True,
+            "x_disable_stats": True,
+            "disable_git": True,
+            "init_timeout": lg.init_timeout_s,
+        },
     }
 
 

@@ -119,6 +119,7 @@ def build(spec: RunSpec[Config], grid: ProcessGrid) -> TrainingLoop:
         checkpoint_interval=cfg.checkpoint.interval,
         keep=cfg.checkpoint.keep,
         save_final=cfg.checkpoint.save_final,
+        save_on_signal=bool(cfg.checkpoint.on_signal),
     )
     loop = TrainingLoop(
         work, grid, optimizer=cfg.optimizer, hardware=cfg.hardware, cadence=cadence, run_dir=spec.run_dir,

@@ -1,8 +1,11 @@
 """Checkpoint files on the serial grid: atomic saves, exact resume, and clear errors for broken checkpoints."""
 
+import errno
+import io
 import json
 import logging
 import os
+import time
 from dataclasses import asdict
 
 import pytest
@@ -14,7 +17,7 @@ from megatron_exp.data import token_store
 from megatron_exp.models.gpt import GPTModel
 from megatron_exp.parallel import state
 from megatron_exp.parallel.sharding import shard_specs, split_state_dict
-from megatron_exp.train import _resolve_init_from, _resolve_resume
+from megatron_exp.train import _newest_matching_checkpoint, _resolve_init_from, _resolve_resume
 from megatron_exp.training import checkpoint, trainer
 from megatron_exp.training.checkpoint import CheckpointError
 from tests.conftest import compose_config, training_spec
@@ -149,3 +152,58 @@ def test_naming_a_checkpoint_with_a_missing_shard_is_an_error_naming_the_file(tm
     cfg.resume = str(root / "iter_0000006")
     with pytest.raises(ConfigError, match=r"resume=.*iter_0000006: .*rank_00000.pt is missing: the checkpoint"):
         _resolve_resume(cfg, str(tmp_path / "new"))
+
+
+def test_an_unreadable_meta_json_is_one_line_for_resume_and_init_from(tmp_path, shared_cache):
+    cfg, root = _saved_run(tmp_path, shared_cache)
+    (root / "iter_0000006" / "meta.json").write_text('{"iteration": 6, "world')
+    cfg.resume = str(root / "iter_0000006")
+    with pytest.raises(ConfigError, match=r"^resume=.*meta.json cannot be read \(JSONDecodeError") as failure:
+        _resolve_resume(cfg, str(tmp_path / "new"))
+    assert "\n" not in str(failure.value)
+    cfg.resume, cfg.checkpoint.init_from = None, str(root / "iter_0000006")
+    with pytest.raises(ConfigError, match=r"^checkpoint.init_from=.*meta.json cannot be read"):
+        _resolve_init_from(cfg)
+    assert checkpoint.find_latest(tmp_path) == root / "iter_0000003"  # a run's newest readable one is still found
+
+
+def test_a_full_disk_is_named_as_such_and_the_previous_checkpoint_is_kept(tmp_path, shared_cache, monkeypatch):
+    _, root = _saved_run(tmp_path, shared_cache)
+
+    class FullDisk(io.RawIOBase):
+        def writable(self):
+            return True
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "open", lambda *args, **kwargs: FullDisk(), raising=False)
+    with pytest.raises(CheckpointError, match=r"^no space left on device writing .*rank_00000.pt: the previous"):
+        checkpoint.save(tmp_path, 9, {"x": torch.zeros(100)}, rank=0, meta={"world_size": 1, "model": {}}, keep=3)
+    monkeypatch.undo()
+    assert checkpoint.find_latest(tmp_path) == root / "iter_0000006"
+
+
+def test_resuming_a_finished_run_says_how_to_continue(tmp_path, shared_cache):
+    cfg, root = _saved_run(tmp_path, shared_cache)  # trained to train.iterations=6
+    cfg.resume = str(tmp_path)
+    with pytest.raises(ConfigError, match=r"is at iteration 6, already train.iterations=6: .*raise train.iterations"):
+        _resolve_resume(cfg, str(tmp_path / "new"))
+    cfg.train.iterations = 12
+    assert _resolve_resume(cfg, str(tmp_path / "new")) == (str(root / "iter_0000006"), str(tmp_path.resolve()))
+
+
+def test_resume_true_picks_the_newest_run_of_this_model_and_layout(tmp_path, shared_cache, caplog):
+    outputs = tmp_path / "outputs"
+    ours = make_config(shared_cache, "train.iterations=12")
+    for name, hidden in (("older", 64), ("newer", 128)):  # the newer run is of another model
+        cfg = make_config(shared_cache, f"model.hidden={hidden}")
+        meta = {"tp": 1, "dp": 1, "model": asdict(cfg.model)}
+        checkpoint.save_all(outputs / name, 4, [{"iteration": 4, "model": {}}], meta)
+        time.sleep(0.05)  # distinct modification times
+    with caplog.at_level(logging.INFO):
+        picked = _newest_matching_checkpoint(ours, outputs)
+    assert picked == outputs / "older" / "checkpoints" / "iter_0000004" and "continuing" in caplog.text
+    other = make_config(shared_cache, "model.layers=5")
+    with pytest.raises(ConfigError, match=r"no run .* of this model and layout; the newest, .*newer, has model.hidden"):
+        _newest_matching_checkpoint(other, outputs)

@@ -1,9 +1,11 @@
 import json
 import logging
 import sys
+import threading
+import time
 import types
 
-from megatron_exp.training.metrics import MetricSinks, console_line
+from megatron_exp.training.metrics import MetricSinks, console_line, write_json
 
 TRAIN = {
     "iteration": 10,
@@ -90,3 +92,57 @@ def test_console_line_shows_loss_ppl_and_mfu():
     assert line.startswith("iter  10/100 | loss 5.0000 | ppl 148.41 | lr 1.00e-03 | grad 0.500")
     assert "MFU 25.0%" in line and "1000 tok/s" in line
     assert "valid ppl 54.60" in console_line({"iteration": 10, "valid/loss": 4.0, "valid/ppl": 54.6}, 100)
+
+
+def test_records_are_valid_json_with_non_finite_values_as_null(tmp_path):
+    sinks = MetricSinks(tmp_path, 100, None)
+    sinks.log({"iteration": 1, "test/accuracy_high": None, "train/loss": float("nan"), "x": float("inf")})
+    sinks.close()
+    line = (tmp_path / "metrics.jsonl").read_text()
+    assert "NaN" not in line and "Infinity" not in line
+    assert json.loads(line) == {"iteration": 1, "test/accuracy_high": None, "train/loss": None, "x": None}
+    write_json(tmp_path / "results.json", {"a": [1.0, float("-inf")], "b": {"c": float("nan")}})
+    assert json.loads((tmp_path / "results.json").read_text()) == {"a": [1.0, None], "b": {"c": None}}
+
+
+def test_a_resumed_run_keeps_each_iteration_once(tmp_path):
+    sinks = MetricSinks(tmp_path, 100, None)
+    for iteration in range(1, 8):
+        sinks.log({"iteration": iteration, "train/loss": 1.0})
+    sinks.close()
+    resumed = MetricSinks(tmp_path, 100, None, after=4)  # the checkpoint was at 4; 5-7 will be logged again
+    resumed.log({"iteration": 5, "train/loss": 2.0})
+    resumed.close()
+    assert [(r["iteration"], r["train/loss"]) for r in _jsonl(tmp_path)] == [(1, 1.0), (2, 1.0), (3, 1.0), (4, 1.0),
+                                                                             (5, 2.0)]  # fmt: skip
+
+
+def test_wandb_starts_in_the_background_and_a_slow_start_is_bounded(tmp_path, monkeypatch, caplog):
+    run = FakeRun()
+    started = threading.Event()
+    module = types.ModuleType("wandb")
+
+    def slow_init(**kwargs):
+        started.wait(5)  # W&B is still starting while training logs
+        return run
+
+    module.init = slow_init
+    monkeypatch.setitem(sys.modules, "wandb", module)
+    sinks = MetricSinks(tmp_path, 100, {"project": "p", "settings": {"init_timeout": 1}})
+    sinks.log(TRAIN)  # returns at once: the record waits for W&B
+    assert run.logged == [] and _jsonl(tmp_path) == [TRAIN]
+    started.set()
+    sinks.log({**TRAIN, "iteration": 20})
+    sinks.close()
+    assert [step for step, _ in run.logged] == [10, 20] and run.finished
+
+    never = types.ModuleType("wandb")
+    never.init = lambda **kwargs: time.sleep(30)
+    monkeypatch.setitem(sys.modules, "wandb", never)
+    start = time.monotonic()
+    with caplog.at_level(logging.WARNING):
+        (tmp_path / "stuck").mkdir()
+        stuck = MetricSinks(tmp_path / "stuck", 100, {"project": "p", "settings": {"init_timeout": 1}})
+        stuck.log(TRAIN)
+        stuck.close()
+    assert time.monotonic() - start < 15 and "W&B did not start within 11 s" in caplog.text
