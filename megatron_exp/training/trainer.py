@@ -19,7 +19,7 @@ from megatron_exp.models.contract import Batch
 from megatron_exp.parallel import random
 from megatron_exp.parallel.state import ProcessGrid
 from megatron_exp.training import checkpoint, flops
-from megatron_exp.training.loop import Cadence, Cost, TrainingLoop, dp_mean
+from megatron_exp.training.loop import Cadence, Cost, TrainingLoop, reported
 from megatron_exp.training.schedule import MicroBatches
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ class Pretraining:
         record = {}
         for split, count in splits.items():
             sums = schedule.evaluate([b for i in range(count) for b in self._batches(split, i)])
-            values = dp_mean([total / (count * self.accumulation) for total in sums.values()], self.grid)
+            values = reported([total / (count * self.accumulation) for total in sums.values()], self.grid)
             means = dict(zip(sums, values, strict=True))
             record |= {f"{split}/{name}": value for name, value in means.items()}
             record[f"{split}/ppl"] = math.exp(min(means[self.model.perplexity_term], 700.0))
