@@ -160,7 +160,7 @@ class FineTuning:
         model_cfg = checkpoint.model_config_of(pretrained)
         with torch.device(device_of(cfg.hardware)):
             self.model = BERTMultipleChoice(model_cfg, grid.tp, seed=cfg.seed)
-        weights = checkpoint.load_model_state(pretrained, grid.tp.size, grid.tp.rank)
+        weights = checkpoint.load_model_state(pretrained, self.model.bert, grid)
         encoder = {name: weights[name] for name in self.model.bert.state_dict() if name in weights}
         checkpoint.load_into(self.model.bert, encoder, pretrained, "model")  # the pretraining heads stay behind
         self.splits = {split: dict(np.load(path)) for split, path in inputs.items()}

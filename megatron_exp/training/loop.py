@@ -23,7 +23,7 @@ from megatron_exp.hardware import autocast, peak_memory_gb
 from megatron_exp.models.contract import Batch, Model
 from megatron_exp.parallel import random
 from megatron_exp.parallel.mappings import all_reduce_
-from megatron_exp.parallel.pipeline import PipelineLayout
+from megatron_exp.parallel.pipeline import PipelineLayout, bubble_fraction
 from megatron_exp.parallel.state import ProcessGrid
 from megatron_exp.training import checkpoint, flops
 from megatron_exp.training.grad_sync import GradientSync
@@ -112,10 +112,12 @@ class TrainingLoop:
         self.optimizer = build_optimizer(self.model, optimizer)
         self.scaler = DynamicLossScaler(self.device) if hardware.precision == "fp16" else None
         scale, cast = (self.scaler.scale if self.scaler else None), autocast(hardware.precision, self.device)
+        self.schedule_name = schedule
         if pipeline is not None and pipeline.stages > 1:
             self.schedule = Pipeline(self.model, grid, pipeline, schedule, cast, scale)
         else:
             self.schedule = MicroBatches(self.model, cast, scale)
+        self.layout = pipeline or PipelineLayout(layers=self.model.cfg.layers)
         self.start_iteration = 0
         if resume:
             self._restore(Path(resume))
@@ -130,8 +132,8 @@ class TrainingLoop:
         cfg, grid, cost = self.model.cfg, self.grid, self.work.cost
         shard = sum(p.numel() for p in self.parameters)
         log.info(
-            "model: %s, %.2fM parameters on rank 0 (TP shard) | grid: tp=%d dp=%d | %s, %s",
-            cfg.name, shard / 1e6, grid.tp.size, grid.dp.size, self.device, self.hardware.precision,
+            "model: %s, %.2fM parameters on rank 0 (its TP shard of stage 0) | grid: tp=%d pp=%d dp=%d | %s, %s",
+            cfg.name, shard / 1e6, grid.tp.size, grid.pp.size, grid.dp.size, self.device, self.hardware.precision,
         )  # fmt: skip
         peak = self.hardware.peak_tflops
         log.info(
@@ -144,7 +146,10 @@ class TrainingLoop:
 
     def save_checkpoint(self, iteration: int) -> None:
         grid = self.grid
-        meta = {"world_size": grid.world_size, "tp": grid.tp.size, "dp": grid.dp.size, "model": asdict(self.model.cfg)}
+        meta = {
+            "world_size": grid.world_size, "tp": grid.tp.size, "dp": grid.dp.size, "pp": grid.pp.size,
+            "virtual_stages": self.layout.virtual, "model": asdict(self.model.cfg),
+        }  # fmt: skip
         state = {
             "iteration": iteration,
             "model": self.model.state_dict(),
@@ -175,7 +180,9 @@ class TrainingLoop:
         lr = learning_rate(self.optimizer_cfg, iteration, self.cadence.iterations)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        terms = self.schedule.train(self.work.micro_batches(iteration))
+        batches = self.work.micro_batches(iteration)
+        self.bubble = bubble_fraction(self.layout.stages, self.layout.virtual, len(batches))
+        terms = self.schedule.train(batches)
         self.sync_gradients()
         clip = self.optimizer_cfg.clip_grad
         norm, skipped = optimizer_step(self.optimizer, self.parameters, clip, self.grid, self.scaler)
@@ -206,6 +213,8 @@ class TrainingLoop:
                     "set hardware.peak_tflops, or delete the peak cache to measure it again",
                     100 * record["perf/mfu"], 100 * record["perf/hfu"], self.hardware.name,
                 )  # fmt: skip
+        if self.grid.pp.size > 1:
+            record["perf/pipeline_bubble"] = self.bubble  # analytic: (p - 1) / (v m)
         record["perf/step_time_s"] = step_time
         record["perf/peak_memory_gb"] = peak_memory_gb(self.device)
         return record

@@ -110,14 +110,15 @@ class Pipeline:
             self._send(output.detach(), action.chunk + 1, forward=True)
         return hidden, output
 
-    def _zeros(self) -> dict[str, torch.Tensor]:
-        return {name: torch.zeros((), device=self.model.device) for name in self.model.loss_term_names}
+    def _or_zeros(self, sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The last stage's sums; zeros on the others."""
+        return sums or {name: torch.zeros((), device=self.model.device) for name in self.model.loss_term_names}
 
     def train(self, batches: Sequence[Batch]) -> dict[str, torch.Tensor]:
         count = len(batches)
         batches = [batch.to(self.model.device) for batch in batches]
         kept: dict[tuple[int, int], tuple[torch.Tensor | None, torch.Tensor]] = {}
-        sums = self._zeros()
+        sums: dict[str, torch.Tensor] = {}
         for action in actions(self.layout, self.schedule, count, self.stage):
             key, batch = (action.chunk, action.micro), batches[action.micro]
             if action.forward:
@@ -126,7 +127,7 @@ class Pipeline:
                     terms = self.model.loss_terms(output, **batch.targets)
                     output = terms["loss"] / count
                     for name, value in terms.items():
-                        sums[name] = sums[name] + (output.detach() if name == "loss" else value.detach() / count)
+                        sums[name] = sums.get(name, 0) + (output.detach() if name == "loss" else value.detach() / count)
                     if self.loss_scale is not None:
                         output = output * self.loss_scale
                 kept[key] = hidden, output
@@ -139,23 +140,23 @@ class Pipeline:
             if hidden is not None:
                 self._send(hidden.grad, action.chunk - 1, forward=False)
         self._finish_sends()
-        return sums
+        return self._or_zeros(sums)
 
     @torch.no_grad()
     def evaluate(self, batches: Sequence[Batch]) -> dict[str, torch.Tensor]:
         """Forward only, micro-batch after micro-batch through this stage's chunks; the last stage's loss terms
         summed over `batches` (zeros on the other stages)."""
         self.model.eval()
-        sums = self._zeros()
+        sums: dict[str, torch.Tensor] = {}
         for action in forward_only(self.layout, len(batches), self.stage):
             batch = batches[action.micro].to(self.model.device)
             _, output = self._forward(action, batch)
             if action.chunk == self.last:
                 for name, value in self.model.loss_terms(output, **batch.targets).items():
-                    sums[name] = sums[name] + value.detach()
+                    sums[name] = sums.get(name, 0) + value.detach()
         self._finish_sends()
         self.model.train()
-        return sums
+        return self._or_zeros(sums)
 
     def _finish_sends(self) -> None:
         for work, _ in self.pending:

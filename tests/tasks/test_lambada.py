@@ -68,7 +68,7 @@ def test_a_model_that_always_predicts_the_target_scores_100_percent_and_perplexi
 
 
 def _evaluate(directory: Path, examples, out: Path | None, expected: dict | None):
-    model = common.load_model(directory, state.current().tp, torch.device("cpu"))
+    model = common.load_model(directory, state.current(), torch.device("cpu"))
     results = lambada.evaluate(model, TaskConfig(seq_len=32, micro_batch=3), {"examples": examples})
     if out is not None:
         torch.save(results, out)
