@@ -83,7 +83,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             f"parallel.global_batch={par.global_batch} is not a multiple of parallel.micro_batch x dp = "
             f"{par.micro_batch} x {par.dp}: use {lower} or {lower + per_replica}"
         )
-    _check_pipeline(cfg)
+    check_pipeline(cfg)
     if cfg.data.seq_len > cfg.model.seq_len:
         raise ConfigError(
             f"data.seq_len={cfg.data.seq_len} exceeds model.seq_len={cfg.model.seq_len} (learned positions): "
@@ -104,7 +104,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         _warn_about_cpu_speed(cfg, workers)
 
 
-def _check_pipeline(cfg: Config) -> None:
+def check_pipeline(cfg: Config) -> None:
     par = cfg.parallel
     if par.pp == 1 and (par.virtual_stages > 1 or par.schedule == "interleaved"):
         key = f"parallel.virtual_stages={par.virtual_stages}" if par.virtual_stages > 1 else "parallel.schedule"

@@ -78,6 +78,11 @@ def prepare(composed: EvalConfig, run_dir: str, joined: bool, build_inputs: Call
             "(BERT checkpoints are fine-tuned with python -m megatron_exp.tasks.race)"
         )
     model.validate(cfg.parallel.tp)
+    if cfg.parallel.pp != 1:
+        raise ConfigError(
+            f"parallel.pp={cfg.parallel.pp}: evaluations run on TP ranks only (a checkpoint of any pipeline layout "
+            "loads); use parallel.pp=1"
+        )
     cfg.parallel.dp = 1
     if cfg.task.seq_len is None:
         cfg.task.seq_len = model.seq_len

@@ -245,6 +245,11 @@ def prepare(composed: RaceConfig, run_dir: str, joined: bool) -> RunSpec[RaceCon
     model.validate(cfg.parallel.tp)
     if cfg.parallel.dp not in (None, 1):
         raise ConfigError(f"parallel.dp={cfg.parallel.dp}: RACE fine-tuning runs on TP ranks only; use parallel.dp=1")
+    if cfg.parallel.pp != 1:
+        raise ConfigError(
+            f"parallel.pp={cfg.parallel.pp}: RACE fine-tuning runs on TP ranks only (a checkpoint of any pipeline "
+            "layout loads); use parallel.pp=1"
+        )
     par = cfg.parallel
     par.dp = 1
     if par.global_batch is None:
