@@ -333,6 +333,9 @@ class TaskConfig(Schema):
     text_field: str = "text"
     seq_len: int | None = checked(None, **POSITIVE)  # context per forward; None: model.seq_len
     stride: int = checked(32, **POSITIVE)  # WikiText: tokens scored per window after the first (overlapping)
+    # WikiText: paper (the reference detokenizer's rules, byte for byte: the paper's number) | none (the word-level
+    # text as it is, for a model trained on it)
+    detokenizer: str = checked("paper", choices=("paper", "none"))
     strict: bool = True  # LAMBADA: the whole last word must be predicted; false: only the last token
     micro_batch: int = checked(8, **POSITIVE)  # sequences per forward
     max_examples: int | None = checked(None, **POSITIVE)  # LAMBADA: evaluate only the first N (quick checks)

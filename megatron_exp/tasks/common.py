@@ -62,7 +62,7 @@ def read_texts(task: TaskConfig) -> list[str]:
         raise ConfigError(f"task.source={task.source} is not a file: give a local file or hub:<dataset name>")
     if path.suffix in (".jsonl", ".json"):
         return [json.loads(line)[task.text_field] for line in path.read_text(encoding="utf-8").splitlines() if line]
-    return [path.read_text(encoding="utf-8")]
+    return [path.read_bytes().decode("utf-8")]  # whole, newlines untranslated, as the reference reads it
 
 
 def prepare(composed: EvalConfig, run_dir: str, joined: bool, build_inputs: Callable) -> RunSpec[EvalConfig]:

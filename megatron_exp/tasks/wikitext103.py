@@ -22,29 +22,39 @@ from megatron_exp.config import ConfigError, EvalConfig, TaskConfig
 from megatron_exp.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megatron_exp.tasks import common
 
-# The word-level file's tokenization, undone: (pattern, replacement), applied in order.
-_DETOKENIZE = [
-    (r"s '", "s'"),  # plural possessive
-    (r" @(.)@ ", r"\1"),  # number-internal separators: 1 @,@ 000 / 2 @.@ 5 / well @-@ known
-    (r" ([:;.!?,])", r"\1"),  # no space before punctuation
-    (r"\( *([^\)]*?) *\)", r"(\1)"),  # no space inside brackets
-    (r"\[ *([^\]]*?) *\]", r"[\1]"),
-    (r"\{ *([^\}]*?) *\}", r"{\1}"),
-    (r'" *([^"]*?) *"', r'"\1"'),  # nor inside quotes
-    (r"= = = =", "===="),  # section headings
-    (r"= = =", "==="),
-    (r"= =", "=="),
-    (r" \n", "\n"),
-    (r"\n ", "\n"),
-    (r" N ", " 1 "),  # the number placeholder
-    (r" 's", "'s"),
-]
+# The paper's WikiText-103 detokenizer, rule by rule (Megatron-LM tasks/zeroshot_gpt/detokenizer.py, last present at
+# commit 164204cd72): its 10.81 was computed on this text. Every rule is a plain left-to-right, non-overlapping
+# replacement over the whole file, applied in this order; that plainness is part of the protocol (" , , " loses
+# only its first space, an apostrophe pairs with the next one), so no rule is made smarter. The reference also has a
+# pattern with literal slashes ("/' [0-9]/") that matches nothing in WikiText; it is left out.
+_PAIRS = ("()", "[]", "{}", '""', "''")  # opener, closer: whitespace just inside each pair is dropped
+_PUNCTUATION = ":;.!?,"  # " X " becomes "X ", one mark after another
+
+
+def _tighten(text: str, opener: str, closer: str) -> str:
+    """From each opener to the next closer (across newlines, blind to nesting), no whitespace just inside."""
+    span = re.compile(f"{re.escape(opener)}([^{re.escape(closer)}]*){re.escape(closer)}")
+    return span.sub(lambda match: opener + match[1].strip() + closer, text)
 
 
 def detokenize(text: str) -> str:
-    for pattern, replacement in _DETOKENIZE:
-        text = re.sub(pattern, replacement, text)
-    return text
+    """The word-level file as the paper's detokenizer turns it into running text (byte for byte)."""
+    text = text.replace("s '", "s'")  # plural possessive: the players ' union
+    for separator in "-,.":  # inside words and numbers: well @-@ known, 1 @,@ 000, 2 @.@ 5
+        text = text.replace(f" @{separator}@ ", separator)
+    for mark in _PUNCTUATION:
+        text = text.replace(f" {mark} ", f"{mark} ")
+    for opener, closer in _PAIRS:
+        text = _tighten(text, opener, closer)
+    for width in (4, 3, 2):  # heading markers: = = Title = =
+        text = text.replace(" ".join("=" * width), "=" * width)
+    text = text.replace(" \u00b0 ", "\u00b0")  # 15 ° C
+    text = text.replace(" \n", "\n").replace("\n ", "\n")  # one space either side of a newline
+    text = text.replace(" N ", " 1 ")  # the number placeholder
+    return text.replace(" 's", "'s")
+
+
+DETOKENIZERS = {"paper": detokenize, "none": lambda text: text}
 
 
 def word_count(text: str) -> int:
@@ -109,7 +119,8 @@ def evaluate(model, task: TaskConfig, inputs: dict, autocast=nullcontext, progre
 
 def build_inputs(cfg: EvalConfig, tokenizer) -> dict:
     text = "".join(common.read_texts(cfg.task))  # hub rows are lines that keep their newline
-    return {"tokens": tokenizer.encode(detokenize(text)).ids, "words": word_count(text)}
+    detokenized = DETOKENIZERS[cfg.task.detokenizer](text)
+    return {"tokens": tokenizer.encode(detokenized).ids, "words": word_count(text)}
 
 
 @entry.hydra_app("eval_wikitext103")

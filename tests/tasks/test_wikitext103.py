@@ -1,10 +1,11 @@
+import hashlib
 import math
 from pathlib import Path
 
 import pytest
 import torch
 
-from megatron_exp.config import ConfigError, ModelConfig, TaskConfig
+from megatron_exp.config import ConfigError, EvalConfig, ModelConfig, TaskConfig, check_ranges
 from megatron_exp.models.gpt import GPTModel
 from megatron_exp.parallel import state
 from megatron_exp.parallel.sharding import shard_specs, split_state_dict
@@ -41,13 +42,50 @@ def test_a_stride_longer_than_the_window_is_an_error():
         wikitext103.windows(1000, 64, 65)
 
 
-def test_detokenization_undoes_the_word_level_format():
-    raw = " = = Early life = = \n He scored 1 @,@ 000 points in 2 @.@ 5 years , "
-    raw += 'a well @-@ known " record " ( so far ) . \n'
-    assert wikitext103.detokenize(raw) == (
-        ' == Early life ==\nHe scored 1,000 points in 2.5 years, a well-known "record" (so far).\n'
-    )
-    assert wikitext103.detokenize("the players ' union and John 's team") == "the players' union and John's team"
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ("the players ' union", "the players' union"),  # plural possessive
+        ("John 's team", "John's team"),
+        ("a well @-@ known 1 @,@ 000 in 2 @.@ 5 and 3 @/@ 4", "a well-known 1,000 in 2.5 and 3 @/@ 4"),  # only these
+        ("It ended . Then : this ; that ! why ? so , on", "It ended. Then: this; that! why? so, on"),
+        ("a , , b", "a, , b"),  # one pass per mark: the second comma's space was consumed by the first match
+        ("x . , y", "x., y"),  # marks in turn (period before comma)
+        ("wait ... what", "wait ... what"),  # an ellipsis keeps its spaces
+        ("the end . \n", "the end.\n"),  # the space before the newline goes next
+        ("( so far )", "(so far)"),
+        ("( a ( b ) c )", "(a ( b) c )"),  # nested: the first opener pairs with the first closer
+        ("[ x ] and { y }", "[x] and {y}"),
+        ('he said " no \n more " .', 'he said "no\nmore" .'),  # quotes across a newline; " ." then stays
+        ('" a \n b " and "\n c "', '"a\nb" and "c"'),  # a newline just inside a pair goes
+        ("the ' Bulls ' won", "the 'Bulls' won"),  # single quotes pair too
+        ('a " b', 'a " b'),  # an unpaired quote is left alone
+        (" = = Early life = = \n = = = Youth = = = \n", " == Early life ==\n=== Youth ===\n"),
+        ("at 15 ° C", "at 15°C"),
+        ("line  \n  next", "line \n next"),  # one space either side of a newline, not all
+        ("a N b", "a 1 b"),
+    ],
+)
+def test_each_rule_of_the_papers_detokenizer(raw, expected):
+    assert wikitext103.detokenize(raw) == expected
+
+
+def test_an_unknown_detokenizer_is_a_one_line_error_naming_the_choices():
+    with pytest.raises(ConfigError, match=r"^task.detokenizer=clean is unknown: use paper or none$"):
+        check_ranges(EvalConfig(task=TaskConfig(detokenizer="clean")))
+
+
+def test_detokenizer_none_keeps_the_word_level_text():
+    raw = " = Title = \n It 's 2 @.@ 5 . \n"
+    assert wikitext103.DETOKENIZERS["none"](raw) == raw
+
+
+@pytest.mark.skipif(not (SHARED / "wikitext103_test.tokens").is_file(), reason="../shared/data is not present")
+def test_the_real_test_file_detokenizes_byte_for_byte_as_the_paper_did():
+    (text,) = common.read_texts(TaskConfig(source=str(SHARED / "wikitext103_test.tokens")))
+    detokenized = wikitext103.detokenize(text).encode("utf-8")
+    assert len(detokenized) == 1_206_463 and detokenized.count(b"\n") + 1 == 4_333
+    assert hashlib.sha256(detokenized).hexdigest() == "f7a499621c56efe6af6dfcf0000730cb19f60063656a277e0dc881c165d6c397"
 
 
 @pytest.mark.skipif(not (SHARED / "wikitext103_test.tokens").is_file(), reason="../shared/data is not present")
