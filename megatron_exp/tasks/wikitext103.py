@@ -79,38 +79,39 @@ def window_batch(tokens: list[int], spans, seq_len: int) -> tuple[torch.Tensor, 
     """Inputs and targets [n, seq_len] (short last windows padded) and the mask of scored targets."""
     inputs = torch.zeros(len(spans), seq_len, dtype=torch.long)
     targets = torch.zeros_like(inputs)
-    mask = torch.zeros(len(spans), seq_len)
+    mask = torch.zeros(len(spans), seq_len, dtype=torch.bool)
     for row, (start, end, first_scored) in enumerate(spans):
         piece = torch.tensor(tokens[start:end])
         n = len(piece) - 1
         inputs[row, :n], targets[row, :n] = piece[:-1], piece[1:]
-        target_index = torch.arange(start + 1, start + 1 + n)
-        mask[row, :n] = (target_index >= first_scored).float()
+        mask[row, :n] = torch.arange(start + 1, start + 1 + n) >= first_scored
     return inputs, targets, mask
 
 
 @torch.no_grad()
 def evaluate(model, task: TaskConfig, inputs: dict, autocast=nullcontext, progress=False) -> dict:
-    """Sum of token losses over every target, window batch by window batch (the same on every TP rank)."""
+    """The loss of every target, `task.batch_size` windows per forward (the same on every TP rank). A window has
+    the same tokens and width whatever shares its forward, and the losses are summed exactly (math.fsum, so in no
+    particular order): the batch size changes nothing this harness computes."""
     tokens, seq_len = inputs["tokens"], task.seq_len
     spans = windows(len(tokens), seq_len, task.stride)
     device = model.embedding.weight.device
-    total, scored = 0.0, 0
-    batches = range(0, len(spans), task.micro_batch)
+    scored_losses = []
+    batches = range(0, len(spans), task.batch_size)
     for first in tqdm(batches, desc="wikitext103", disable=not progress, mininterval=5):
-        x, y, mask = (t.to(device) for t in window_batch(tokens, spans[first : first + task.micro_batch], seq_len))
+        x, y, mask = (t.to(device) for t in window_batch(tokens, spans[first : first + task.batch_size], seq_len))
         with autocast():
             logits = model(x)
         losses = vocab_parallel_cross_entropy(logits, y, model.cfg.vocab_size, model.tp)
-        total += float((losses * mask).sum())
-        scored += int(mask.sum())
-    num_tokens, words = len(tokens), inputs["words"]
+        scored_losses.append(losses[mask].double().cpu())
+    scored = torch.cat(scored_losses)
+    total, num_tokens, words = math.fsum(scored.tolist()), len(tokens), inputs["words"]
     return {
         "tokens": num_tokens,
-        "scored_targets": scored,
+        "scored_targets": len(scored),
         "words": words,
-        "loss": total / scored,
-        "ppl": math.exp(total / scored),
+        "loss": total / len(scored),
+        "ppl": math.exp(total / len(scored)),
         "word_ppl": math.exp(total / (words - 1)),  # the paper's number
         "seq_len": seq_len,
         "stride": task.stride,
