@@ -55,7 +55,8 @@ def test_lambada_entry_point(tmp_path, trained):
     assert done.returncode == 0, done.stdout + done.stderr
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert results["examples"] == 2 and 0.0 <= results["accuracy"] <= 1.0 and results["strict"] is True
-    assert results["ppl"] == pytest.approx(math.exp(results["loss"]))
+    assert results["ppl_per_token"] == pytest.approx(math.exp(results["loss_per_token"]))
+    assert results["ppl_per_passage"] == pytest.approx(math.exp(results["loss_per_passage"]))
     assert list((tmp_path / "eval" / "wandb").glob("offline-run-*/run-*.wandb"))
 
 

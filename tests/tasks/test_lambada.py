@@ -62,7 +62,7 @@ def test_batches_mask_exactly_the_target_positions_and_truncate_old_context():
     assert mask.tolist() == [[False, False, True, True], [True, True, True, True]]
 
 
-def test_an_oracle_gives_hand_computed_accuracy_and_perplexity():
+def test_an_oracle_gives_hand_computed_accuracy_and_perplexities_per_token_and_per_passage():
     """The oracle predicts token + 1 with certainty: a target token that follows that rule costs 0 nats, any other
     costs exactly 100 (its logit 0 against the prediction's 100)."""
     examples = [
@@ -73,7 +73,11 @@ def test_an_oracle_gives_hand_computed_accuracy_and_perplexity():
     ]
     results = lambada.evaluate(NextTokenOracle(300), TaskConfig(seq_len=32, batch_size=2), {"examples": examples})
     assert results["accuracy"] == 0.5 and results["examples"] == 4 and results["target_tokens"] == 10
-    assert results["loss"] == pytest.approx(300 / 10) and results["ppl"] == pytest.approx(math.exp(30))
+    assert results["loss_per_token"] == pytest.approx(300 / 10) and results["ppl_per_token"] == pytest.approx(
+        math.exp(30)
+    )
+    assert results["loss_per_passage"] == pytest.approx(300 / 4)  # lm-eval: exp(-mean passage log-likelihood)
+    assert results["ppl_per_passage"] == pytest.approx(math.exp(75))
 
 
 @pytest.mark.skipif(not (SHARED / "lambada_test.jsonl").is_file(), reason="../shared/data is not present")
@@ -87,7 +91,7 @@ def test_batched_passages_score_bit_identically_to_one_at_a_time_on_the_real_tes
             lambada.evaluate(model, TaskConfig(seq_len=128, batch_size=size), {"examples": examples}) for size in (1, 6)
         )
     assert one["examples"] == 150 and len(lambada.batches(examples, 128, 6)) < 150 / 2  # passages share forwards
-    assert batched == one  # exactly: accuracy and perplexity to the last bit
+    assert batched == one  # exactly: accuracy and both perplexities to the last bit
 
 
 def _evaluate(directory: Path, examples, out: Path | None, expected: dict | None):
@@ -97,7 +101,7 @@ def _evaluate(directory: Path, examples, out: Path | None, expected: dict | None
         torch.save(results, out)
     if expected is not None:
         assert results["accuracy"] == expected["accuracy"]
-        assert results["loss"] == pytest.approx(expected["loss"], rel=1e-5)
+        assert results["loss_per_token"] == pytest.approx(expected["loss_per_token"], rel=1e-5)
 
 
 def test_tp2_evaluation_equals_tp1(tmp_path):
