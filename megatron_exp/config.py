@@ -320,7 +320,7 @@ class Config(Schema):
 class ConvertConfig(Schema):
     """python -m megatron_exp.convert: move a model between TP degrees and to/from Hugging Face."""
 
-    # A run directory or checkpoint directory of this project, or hf:<directory or hub name> of a GPT-2 model
+    # A run or checkpoint directory of this project, a Hugging Face GPT-2 directory, or hf:<hub name or directory>
     source: str = "???"
     # megatron: TP shards loadable by the tasks (and by training as weights) | hf
     to: str = checked("megatron", choices=("megatron", "hf"))

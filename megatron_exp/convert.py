@@ -29,17 +29,40 @@ def _transformers():
     return transformers
 
 
-def _load_source(source: str) -> tuple[dict, ModelConfig]:
-    """The serial state dict and model config of a checkpoint, or of a Hugging Face GPT-2."""
+# A directory is a Hugging Face model when it holds config.json and one of these (what save_pretrained writes).
+HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def _hugging_face_name(source: str) -> str | None:
+    """What transformers should load for `source`: hf:<name or directory>, or a Hugging Face model directory."""
     if source.startswith("hf:"):
-        name = source.removeprefix("hf:")
+        return source.removeprefix("hf:")
+    path = Path(source).expanduser()
+    if (path / "config.json").is_file() and any((path / name).is_file() for name in HF_WEIGHTS):
+        return str(path)
+    return None
+
+
+def _load_source(source: str) -> tuple[dict, ModelConfig]:
+    """The serial state dict and model config of a checkpoint of this project, or of a Hugging Face GPT-2."""
+    name = _hugging_face_name(source)
+    if name is not None:
+        transformers = _transformers()
         try:
-            model = _transformers().GPT2LMHeadModel.from_pretrained(name)
+            model = transformers.GPT2LMHeadModel.from_pretrained(name)
         except OSError as error:
             raise ConfigError(f"source={source} could not be loaded by transformers: {error}") from error
         cfg = hf_gpt2.model_config(model.config, name=Path(name).name)
         return hf_gpt2.from_hf(model.state_dict(), cfg), cfg
-    directory = checkpoint.require(source, "source")
+    try:
+        directory = checkpoint.resolve(source)
+    except checkpoint.CheckpointError as error:
+        raise ConfigError(f"source={source}: {error}") from error
+    if directory is None:
+        raise ConfigError(
+            f"source={source} holds no complete checkpoint (<run dir>/checkpoints/iter_*) and is not a Hugging Face "
+            "model directory (config.json and weights): give one of those, or source=hf:<hub name> for a hub model"
+        )
     return checkpoint.load_serial_model_state(directory), checkpoint.model_config_of(directory)
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_exp.config import ConvertConfig, ModelConfig
+from megatron_exp.config import ConfigError, ConvertConfig, ModelConfig
 from megatron_exp.convert import convert
 from megatron_exp.models.gpt import GPTModel
 from megatron_exp.parallel import state
@@ -16,6 +16,7 @@ from megatron_exp.parallel.sharding import shard_specs, split_state_dict
 from megatron_exp.training import checkpoint
 from tests.distributed import run_on_ranks
 
+ROOT = Path(__file__).resolve().parents[1]
 CFG = ModelConfig(name="small", hidden=64, heads=8, layers=2, vocab_size=300, seq_len=32)
 TOKENS = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
 
@@ -54,9 +55,7 @@ def test_reshard_tp4_to_1_to_2_keeps_the_logits(tmp_path):
 
 
 def test_converting_a_run_without_checkpoints_is_a_clear_error(tmp_path):
-    from megatron_exp.config import ConfigError
-
-    with pytest.raises(ConfigError, match=r"holds no complete checkpoint"):
+    with pytest.raises(ConfigError, match=r"holds no complete checkpoint .* or source=hf:<hub name> for a hub model$"):
         convert(ConvertConfig(source=str(tmp_path), tp=2, output=str(tmp_path / "out")))
 
 
@@ -84,10 +83,31 @@ def test_the_entry_point_reshards(tmp_path):
     serial = GPTModel(CFG, seed=1)
     meta = {"tp": 1, "dp": 1, "model": vars(CFG)}
     checkpoint.save_all(tmp_path / "run", 0, [{"iteration": 0, "model": serial.state_dict()}], meta)
-    root = Path(__file__).resolve().parents[1]
     command = [sys.executable, "-m", "megatron_exp.convert", f"source={tmp_path / 'run'}", "tp=2"]
-    done = subprocess.run([*command, f"output={tmp_path / 'tp2'}"], cwd=root, capture_output=True, text=True)
+    done = subprocess.run([*command, f"output={tmp_path / 'tp2'}"], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
     directory = checkpoint.find_latest(tmp_path / "tp2")
     assert checkpoint.read_meta(directory)["world_size"] == 2
     assert checkpoint.load_rank(directory, 1)["model"]["embedding.weight"].shape == (256, 64)
+
+
+def test_a_hugging_face_directory_needs_no_hf_prefix(tmp_path):
+    transformers = pytest.importorskip("transformers", reason="the hf extra is not installed")
+    hf_config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=300, n_positions=32)
+    transformers.GPT2LMHeadModel(hf_config).save_pretrained(tmp_path / "hf")
+    convert(ConvertConfig(source=str(tmp_path / "hf"), tp=2, output=str(tmp_path / "ours")))
+    assert checkpoint.read_meta(checkpoint.find_latest(tmp_path / "ours"))["source"] == str(tmp_path / "hf")
+
+
+def test_a_corrupt_shard_is_one_line_and_exit_2(tmp_path):
+    serial = GPTModel(CFG, seed=1)
+    shards = split_state_dict(serial.state_dict(), shard_specs(serial), 2)
+    meta = {"tp": 2, "dp": 1, "model": vars(CFG)}
+    directory = checkpoint.save_all(tmp_path / "run", 0, [{"iteration": 0, "model": s} for s in shards], meta)
+    shard = checkpoint.rank_file(directory, 1)
+    shard.write_bytes(shard.read_bytes()[:1000])  # cut short, as a full disk leaves it
+    command = [sys.executable, "-m", "megatron_exp.convert", f"source={tmp_path / 'run'}", "tp=1"]
+    done = subprocess.run([*command, f"output={tmp_path / 'out'}"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 2
+    output = (done.stdout + done.stderr).strip().splitlines()
+    assert len(output) == 1 and "error:" in output[0] and str(shard) in output[0] and "corrupt" in output[0], output
