@@ -182,7 +182,11 @@ class ParallelConfig(Schema):
     tp: int = checked(1, **POSITIVE)  # tensor-parallel degree (adjacent ranks)
     # data-parallel degree; None: world_size / (tp x pp), or 1 when this process launches
     dp: int | None = checked(None, **POSITIVE)
-    pp: int = checked(1, **POSITIVE)  # reserved: pipeline parallelism is not implemented
+    pp: int = checked(1, **POSITIVE)  # pipeline stages (outermost: stages may sit on different nodes)
+    virtual_stages: int = checked(1, **POSITIVE)  # model chunks per stage (parallel.schedule=interleaved)
+    # gpipe: all forwards, then all backwards | 1f1b: one forward, one backward (activations of at most pp
+    # micro-batches kept) | interleaved: 1F1B over virtual stages (the bubble shrinks by virtual_stages)
+    schedule: str = checked("1f1b", choices=("gpipe", "1f1b", "interleaved"))
     micro_batch: int = checked(8, **POSITIVE)  # sequences per forward/backward on one DP replica
     # sequences per optimizer step; None: micro_batch x dp (no accumulation)
     global_batch: int | None = checked(None, **POSITIVE)
@@ -318,13 +322,16 @@ class Config(Schema):
 
 @dataclass
 class ConvertConfig(Schema):
-    """python -m megatron_exp.convert: move a model between TP degrees and to/from Hugging Face."""
+    """python -m megatron_exp.convert: move a model between TP degrees and pipeline layouts, and to/from Hugging
+    Face."""
 
     # A run or checkpoint directory of this project, a Hugging Face GPT-2 directory, or hf:<hub name or directory>
     source: str = "???"
     # megatron: TP shards loadable by the tasks (and by training as weights) | hf
     to: str = checked("megatron", choices=("megatron", "hf"))
     tp: int = checked(1, **POSITIVE)  # TP degree of the output (to=megatron)
+    pp: int = checked(1, **POSITIVE)  # pipeline stages of the output (to=megatron)
+    virtual_stages: int = checked(1, **POSITIVE)  # chunks per stage of the output (an interleaved schedule's)
     output: str = "???"  # the output directory (megatron: a run directory with checkpoints/; hf: save_pretrained)
 
 

@@ -18,6 +18,7 @@ from megatron_exp import entry
 from megatron_exp.config import ConfigError, ConvertConfig, ModelConfig, TokenizerConfig, check_ranges
 from megatron_exp.data import tokenizer as tokenizers
 from megatron_exp.models import build_model, hf_gpt2
+from megatron_exp.parallel.pipeline import ModelPart, PipelineLayout
 from megatron_exp.parallel.sharding import shard_specs, split_state_dict
 from megatron_exp.training import checkpoint
 
@@ -106,19 +107,30 @@ def convert(cfg: ConvertConfig) -> Path:
         log.info("saved a transformers GPT2LMHeadModel to %s", output)
         return output
     model_cfg.validate(cfg.tp)
-    specs = shard_specs(_meta_model(model_cfg))
-    shards = split_state_dict(serial, specs, cfg.tp)
-    meta = {"tp": cfg.tp, "dp": 1, "model": asdict(model_cfg), "source": cfg.source, "weights_only": True}
+    layout = PipelineLayout(cfg.pp, cfg.virtual_stages, model_cfg.layers)
+    if model_cfg.layers % layout.chunks:
+        raise ConfigError(
+            f"pp x virtual_stages = {cfg.pp} x {cfg.virtual_stages} does not divide the model's {model_cfg.layers} "
+            "layers: every chunk needs the same number of layers"
+        )
+    shards = []  # global rank order: stage-major, TP inside (one DP replica)
+    for stage in range(cfg.pp):
+        specs = shard_specs(_meta_model(model_cfg, layout.part(stage)))
+        shards += split_state_dict({name: serial[name] for name in specs}, specs, cfg.tp)
+    meta = {
+        "tp": cfg.tp, "pp": cfg.pp, "virtual_stages": cfg.virtual_stages, "dp": 1, "model": asdict(model_cfg),
+        "source": cfg.source, "weights_only": True,
+    }  # fmt: skip
     directory = checkpoint.save_all(output, 0, [{"iteration": 0, "model": shard} for shard in shards], meta)
     if tokenizer is not None:
         tokenizer.save(str(output / "tokenizer.json"))  # where the evaluations look for it
-    log.info("saved %d TP shards of %s to %s", cfg.tp, cfg.source, directory)
+    log.info("saved %s as %d TP x %d pipeline shards to %s", cfg.source, cfg.tp, cfg.pp, directory)
     return directory
 
 
-def _meta_model(cfg: ModelConfig) -> torch.nn.Module:
+def _meta_model(cfg: ModelConfig, part: ModelPart) -> torch.nn.Module:
     with torch.device("meta"):
-        return build_model(cfg)
+        return build_model(cfg, part=part)
 
 
 @entry.hydra_app("convert")

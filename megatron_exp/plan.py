@@ -24,6 +24,7 @@ from omegaconf import DictConfig
 
 from megatron_exp import entry, preflight
 from megatron_exp.config import Config
+from megatron_exp.parallel.pipeline import PipelineLayout, bubble_fraction, peak_in_flight
 from megatron_exp.parallel.sharding import padded_vocab_size
 from megatron_exp.training.flops import hardware_flops, model_flops
 
@@ -50,16 +51,34 @@ def layer_activation_bytes(cfg: Config) -> float:
     return kept
 
 
-def activation_bytes(cfg: Config, recompute: bool, peak: bool = True) -> float:
-    """Activation memory of one micro batch: kept across the forward pass, plus (`peak`) the layer being
-    recomputed in backward when checkpointing."""
+def layout(cfg: Config) -> PipelineLayout:
+    return PipelineLayout(cfg.parallel.pp, cfg.parallel.virtual_stages, cfg.model.layers)
+
+
+def micro_batches(cfg: Config) -> int:
+    par = cfg.parallel
+    return par.global_batch // (par.micro_batch * par.dp)
+
+
+def activation_bytes(cfg: Config, recompute: bool, peak: bool = True, stage: int = 0) -> float:
+    """Activation memory of pipeline stage `stage` (the whole model without a pipeline): what its chunks keep for
+    the micro-batches in flight at once under the schedule (one without a pipeline), the embeddings' and the
+    loss's tensors where the stage holds them, plus (`peak`) the layer being recomputed in backward when
+    checkpointing."""
     b, s, h, _, tp = _sizes(cfg)
     element = 4 if cfg.hardware.precision in ("fp32", "auto") else 2
-    outside = 2 * b * s * h * element + b * s * padded_vocab_size(cfg.model.vocab_size, tp) / tp * 4
-    outside += _mask_bytes(cfg)  # the embedding's dropout
+    part = layout(cfg).part(stage)
+    in_flight = peak_in_flight(layout(cfg), cfg.parallel.schedule, micro_batches(cfg), stage)
+    layers = in_flight * len(part.layers) / len(part.chunks)  # chunk activations in flight x layers per chunk
+    outside = 0.0
+    if part.head:  # the final layernorm's input and output, the loss's softmax
+        outside += 2 * b * s * h * element + b * s * padded_vocab_size(cfg.model.vocab_size, tp) / tp * 4
+    if part.embeddings:
+        outside += _mask_bytes(cfg)  # the embedding's dropout
+    outside *= in_flight
     if not recompute:
-        return cfg.model.layers * layer_activation_bytes(cfg) + outside
-    return cfg.model.layers * b * s * h * element + outside + (layer_activation_bytes(cfg) if peak else 0)
+        return layers * layer_activation_bytes(cfg) + outside
+    return layers * b * s * h * element + outside + (layer_activation_bytes(cfg) if peak else 0)
 
 
 def measure_activation_bytes(model, tokens: torch.Tensor) -> int:
@@ -84,7 +103,9 @@ def estimate(cfg: Config) -> dict:
     seq = cfg.data.seq_len or m.seq_len
     vocab = padded_vocab_size(m.vocab_size, par.tp)
     states = per_rank * preflight.BYTES_PER_PARAMETER
-    activations = {ac: activation_bytes(cfg, ac) for ac in (False, True)}
+    # the stage that needs the most (weights differ little between stages; activations and the head do)
+    stage = max(range(par.pp), key=lambda s: activation_bytes(cfg, par.activation_checkpointing, stage=s))
+    activations = {ac: activation_bytes(cfg, ac, stage=stage) for ac in (False, True)}
     used = activations[par.activation_checkpointing]
     memory = cfg.hardware.memory_gb
     return {
@@ -98,6 +119,8 @@ def estimate(cfg: Config) -> dict:
         "total_gb": (states + used) / 1e9,
         "device_memory_gb": memory,
         "fits": None if memory is None else (states + used) / 1e9 <= memory,
+        "largest_stage": stage,
+        "pipeline_bubble": bubble_fraction(par.pp, par.virtual_stages, micro_batches(cfg)),
         "model_flops_per_iteration": model_flops(par.global_batch, seq, m.layers, m.hidden, vocab),
         "executed_flops_per_iteration": hardware_flops(
             par.global_batch, seq, m.layers, m.hidden, vocab, par.activation_checkpointing
@@ -107,6 +130,7 @@ def estimate(cfg: Config) -> dict:
 
 def report(cfg: Config, plan: dict) -> str:
     par = cfg.parallel
+    stage = f", stage {plan['largest_stage']} (the largest)" if par.pp > 1 else ""
     fits = {None: "unknown (no device memory given)", True: "yes", False: "NO"}[plan["fits"]]
     rows = [
         ("parameters (whole model)", f"{plan['parameters_total'] / 1e9:.3f}B"),
@@ -114,14 +138,17 @@ def report(cfg: Config, plan: dict) -> str:
         ("weights (fp32)", f"{plan['weights_gb']:.2f} GB"),
         ("gradients (fp32)", f"{plan['gradients_gb']:.2f} GB"),
         ("Adam state (2 x fp32)", f"{plan['optimizer_gb']:.2f} GB"),
-        (f"activations, micro batch {par.micro_batch}", f"{plan['activations_gb']:.2f} GB"),
+        (f"activations, micro batch {par.micro_batch}{stage}", f"{plan['activations_gb']:.2f} GB"),
         ("activations with checkpointing", f"{plan['activations_checkpointed_gb']:.2f} GB"),
         ("total per rank (as configured)", f"{plan['total_gb']:.2f} GB"),
         (f"{cfg.hardware.name} memory per device", f"{plan['device_memory_gb'] or 0:.0f} GB"),
         ("fits", fits),
         ("model FLOPs per iteration", f"{plan['model_flops_per_iteration']:.3e}"),
     ]
-    title = f"{cfg.model.name} at tp={par.tp} x dp={par.dp}, global batch {par.global_batch}, seq {cfg.data.seq_len}"
+    if par.pp > 1:
+        rows.append((f"pipeline bubble ({par.schedule})", f"{100 * plan['pipeline_bubble']:.1f}% of a step"))
+    grid = f"tp={par.tp} x pp={par.pp} x dp={par.dp}"
+    title = f"{cfg.model.name} at {grid}, global batch {par.global_batch}, seq {cfg.data.seq_len}"
     width = max(len(k) for k, _ in rows)
     return "\n".join([title, *(f"  {k:<{width}}  {v}" for k, v in rows)])
 
@@ -129,6 +156,7 @@ def report(cfg: Config, plan: dict) -> str:
 def plan(composed: Config) -> dict:
     cfg = preflight.resolve(composed, measure_peak=False)
     cfg.model.validate(cfg.parallel.tp)
+    preflight.check_pipeline(cfg)
     result = estimate(cfg)
     print(report(cfg, result))
     return result

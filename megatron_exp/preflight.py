@@ -16,6 +16,7 @@ from megatron_exp import hardware
 from megatron_exp.config import Config, ConfigError, check_ranges
 from megatron_exp.models import build_model
 from megatron_exp.parallel import state
+from megatron_exp.parallel.pipeline import PipelineLayout
 from megatron_exp.parallel.sharding import ShardSpec
 
 log = logging.getLogger(__name__)
@@ -50,20 +51,24 @@ def resolve(composed: Config, world_size: int | None = None, measure_peak: bool 
 
 
 def parameter_counts(cfg: Config) -> tuple[int, int]:
-    """(parameters on the largest rank, parameters of the whole model), counted on the meta device."""
-    with torch.device("meta"), state.use(state.virtual(cfg.parallel.tp)):
-        shard = build_model(cfg.model)
-    per_rank = sum(p.numel() for p in shard.parameters())
-    total = sum(p.numel() * (cfg.parallel.tp if ShardSpec.of(p).dim is not None else 1) for p in shard.parameters())
-    return per_rank, total
+    """(parameters on the largest rank: the TP shard of the largest pipeline stage, parameters of the whole
+    model), counted on the meta device."""
+    par = cfg.parallel
+    layout = PipelineLayout(par.pp, par.virtual_stages, cfg.model.layers)
+    largest, total = 0, 0
+    for stage in range(par.pp):
+        with torch.device("meta"), state.use(state.virtual(par.tp, pp=par.pp, pp_rank=stage)):
+            shard = build_model(cfg.model, part=layout.part(stage))
+        largest = max(largest, sum(p.numel() for p in shard.parameters()))
+        counted = [p for p in shard.parameters() if not getattr(p, "pipeline_copy", False)]
+        total += sum(p.numel() * (par.tp if ShardSpec.of(p).dim is not None else 1) for p in counted)
+    return largest, total
 
 
 def validate(cfg: Config, world_size: int | None = None) -> None:
     """Every check that needs no data: ranges, divisibility, batch arithmetic, devices, memory."""
     par, hw = cfg.parallel, cfg.hardware
     check_ranges(cfg)  # the derived values too
-    if par.pp != 1:
-        raise ConfigError(f"parallel.pp={par.pp}: pipeline parallelism is not implemented yet; use parallel.pp=1")
     cfg.model.validate(par.tp)
     if cfg.model.arch == "bert" and cfg.data.tokenizer.kind != "wordpiece":
         raise ConfigError(
@@ -78,6 +83,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             f"parallel.global_batch={par.global_batch} is not a multiple of parallel.micro_batch x dp = "
             f"{par.micro_batch} x {par.dp}: use {lower} or {lower + per_replica}"
         )
+    check_pipeline(cfg)
     if cfg.data.seq_len > cfg.model.seq_len:
         raise ConfigError(
             f"data.seq_len={cfg.data.seq_len} exceeds model.seq_len={cfg.model.seq_len} (learned positions): "
@@ -96,6 +102,17 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check_memory(cfg, workers)
     if hw.device == "cpu":
         _warn_about_cpu_speed(cfg, workers)
+
+
+def check_pipeline(cfg: Config) -> None:
+    par = cfg.parallel
+    if par.pp == 1 and (par.virtual_stages > 1 or par.schedule == "interleaved"):
+        key = f"parallel.virtual_stages={par.virtual_stages}" if par.virtual_stages > 1 else "parallel.schedule"
+        raise ConfigError(f"{key} interleaves pipeline stages, but parallel.pp=1: set parallel.pp > 1")
+    micro_batches = par.global_batch // (par.micro_batch * par.dp)
+    problem = PipelineLayout(par.pp, par.virtual_stages, cfg.model.layers).validate(micro_batches, par.schedule)
+    if problem:
+        raise ConfigError(problem)
 
 
 def _check_devices(cfg: Config, workers: int, joined: bool) -> None:

@@ -68,8 +68,11 @@ def _differences(cfg: Config, meta: dict, layout: bool = True) -> list[str]:
         f"model.{k}": v for k, v in meta["model"].items() if k not in ("name", "hidden_dropout", "attention_dropout")
     }
     if layout:
-        saved |= {"parallel.tp": meta["tp"], "parallel.dp": meta["dp"]}
-    ours = {"parallel.tp": cfg.parallel.tp, "parallel.dp": cfg.parallel.dp}
+        tp, pp, virtual = checkpoint.layout_of(meta)
+        saved |= {"parallel.tp": tp, "parallel.pp": pp, "parallel.virtual_stages": virtual, "parallel.dp": meta["dp"]}
+    par = cfg.parallel
+    ours = {"parallel.tp": par.tp, "parallel.pp": par.pp, "parallel.virtual_stages": par.virtual_stages}
+    ours["parallel.dp"] = par.dp
     ours |= {f"model.{k}": v for k, v in asdict(cfg.model).items()}
     return [f"{key}={ours.get(key)} (checkpoint: {value})" for key, value in saved.items() if ours.get(key) != value]
 

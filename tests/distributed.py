@@ -13,27 +13,28 @@ import torch.multiprocessing as mp
 from megatron_exp.parallel import state
 
 
-def _worker(rank, world_size, init_file, tp, fn, args):
+def _worker(rank, world_size, init_file, tp, pp, fn, args):
     torch.set_num_threads(1)  # the ranks share two cores; oversubscription only slows them down
     dist.init_process_group(
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size, timeout=timedelta(seconds=60)
     )
     try:
-        state.initialize(tp, timeout=timedelta(seconds=60))
+        state.initialize(tp, pp, timeout=timedelta(seconds=60))
         fn(*args)
         dist.barrier()  # tear down together: gloo can abort if a peer destroys its groups mid-exchange
     finally:
         state.destroy()
 
 
-def run_on_ranks(world_size: int, fn, *args, tp: int | None = None) -> None:
+def run_on_ranks(world_size: int, fn, *args, tp: int | None = None, pp: int = 1) -> None:
     """Call `fn(*args)` on every rank of a `world_size` job with TP size `tp` (default: all ranks in one TP
-    group). `fn` must be importable (a module-level function); an assertion on any rank fails the test."""
+    group, or world / pp) and PP size `pp`. `fn` must be importable (a module-level function); an assertion on
+    any rank fails the test."""
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "rendezvous")
         mp.start_processes(
             _worker,
-            args=(world_size, init_file, tp or world_size, fn, args),
+            args=(world_size, init_file, tp or world_size // pp, pp, fn, args),
             nprocs=world_size,
             join=True,
             start_method="spawn",

@@ -115,7 +115,8 @@ def test_scaling_recipes_pair_a_model_with_a_tp_degree(option):
 OUT_OF_RANGE = {
     ModelConfig: {"hidden": 0, "heads": 0, "layers": -1, "vocab_size": 0, "seq_len": 0, "hidden_dropout": 1.0,
                   "attention_dropout": -0.1, "init_std": 0.0, "layernorm_eps": -1e-5},
-    ParallelConfig: {"tp": 0, "dp": 0, "pp": 0, "micro_batch": 0, "global_batch": 0, "timeout_s": 0},
+    ParallelConfig: {"tp": 0, "dp": 0, "pp": 0, "virtual_stages": 0, "micro_batch": 0, "global_batch": 0,
+                     "timeout_s": 0},
     OptimizerConfig: {"lr": 0.0, "min_lr": -1e-5, "warmup_iters": -1, "decay_iters": 0, "weight_decay": -0.01,
                       "beta1": 1.0, "beta2": -0.5, "eps": 0.0, "clip_grad": -1.0},
     TokenizerConfig: {"vocab_size": 0},
@@ -124,7 +125,7 @@ OUT_OF_RANGE = {
     LoggerConfig: {"init_timeout_s": 0},
     TrainConfig: {"iterations": 0, "log_interval": 0, "eval_interval": -1, "eval_iters": 0, "seed": -1},
     CheckpointConfig: {"interval": -1, "keep": -1},
-    ConvertConfig: {"tp": 0},
+    ConvertConfig: {"tp": 0, "pp": 0, "virtual_stages": 0},
     TaskConfig: {"seq_len": 0, "stride": 0, "micro_batch": 0, "max_examples": 0},
     RaceTaskConfig: {"seq_len": 0, "max_qa_len": 0, "epochs": 0, "warmup_fraction": 1.5, "max_questions": 0},
     RaceConfig: {"seed": -1, "log_interval": 0},

@@ -27,9 +27,10 @@ TOKENS = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(
 
 def _logits_at(directory: Path) -> torch.Tensor:
     """Full-vocabulary logits of the checkpoint's model at the current grid's TP degree, on the same batch."""
-    tp = state.current().tp
+    grid = state.current()
+    tp = grid.tp
     model = GPTModel(checkpoint.model_config_of(directory)).eval()
-    model.load_state_dict(checkpoint.load_model_state(directory, tp.size, tp.rank))
+    model.load_state_dict(checkpoint.load_model_state(directory, model, grid))
     with torch.no_grad():
         return gather_last_dim(model(TOKENS), tp)[..., : model.cfg.vocab_size]
 
@@ -56,6 +57,25 @@ def test_reshard_tp4_to_1_to_2_keeps_the_logits(tmp_path):
     _check_logits(saved, expected)  # each loaded at TP=1
     for tp in (2, 4):
         run_on_ranks(tp, _check_logits, saved, expected)  # and at TP=2 and TP=4, from any saved degree
+
+
+def test_pipeline_layouts_convert_both_ways_and_keep_the_logits(tmp_path):
+    serial = GPTModel(CFG, seed=3)
+    meta = {"tp": 1, "dp": 1, "model": vars(CFG)}
+    checkpoint.save_all(tmp_path / "tp1", 0, [{"iteration": 0, "model": serial.state_dict()}], meta)
+    convert(ConvertConfig(source=str(tmp_path / "tp1"), tp=2, pp=2, output=str(tmp_path / "tp2pp2")))
+    staged = checkpoint.find_latest(tmp_path / "tp2pp2")
+    assert checkpoint.layout_of(checkpoint.read_meta(staged)) == (2, 2, 1)
+    stage_keys = [set(checkpoint.load_rank(staged, rank)["model"]) for rank in (0, 2)]  # TP rank 0 of each stage
+    assert {"embedding.weight", "position_embedding", "layers.0.mlp.fc1.weight"} <= stage_keys[0]
+    assert {"embedding.weight", "final_norm.weight", "layers.1.mlp.fc1.weight"} <= stage_keys[1]  # tied copy
+    assert not stage_keys[0] & {"layers.1.mlp.fc1.weight", "final_norm.weight"}
+    convert(ConvertConfig(source=str(staged), tp=1, output=str(tmp_path / "back")))
+    back = checkpoint.load_rank(checkpoint.find_latest(tmp_path / "back"), 0)["model"]
+    for name, tensor in serial.state_dict().items():
+        assert torch.equal(back[name], tensor), name
+    with pytest.raises(ConfigError, match=r"pp x virtual_stages = 3 x 1 does not divide the model's 2 layers"):
+        convert(ConvertConfig(source=str(staged), pp=3, output=str(tmp_path / "bad")))
 
 
 def test_converting_a_run_without_checkpoints_is_a_clear_error(tmp_path):

@@ -9,7 +9,7 @@ import torch
 from megatron_exp import preflight
 from megatron_exp.models.gpt import GPTModel
 from megatron_exp.parallel import random
-from megatron_exp.plan import activation_bytes, estimate, measure_activation_bytes
+from megatron_exp.plan import activation_bytes, estimate, layer_activation_bytes, measure_activation_bytes
 from tests.conftest import CONF_DIR, compose_config
 
 
@@ -42,6 +42,24 @@ def test_gpt_8b_at_tp8_counts_and_state_memory_by_hand():
         )
     )
     assert recompute["fits"] is True  # ... with activation checkpointing, as in the paper, it does
+
+
+def test_pipeline_stages_count_their_layers_the_micro_batches_in_flight_and_their_ends():
+    common = ["model.layers=8", "model.hidden_dropout=0", "model.attention_dropout=0", "parallel.micro_batch=2"]
+    serial = _resolved([*common, "parallel.global_batch=16"])
+    layer = layer_activation_bytes(serial)
+    head = activation_bytes(serial, False) - 8 * layer  # final layernorm and loss: one micro-batch
+    one_f_one_b = _resolved([*common, "parallel.pp=4", "parallel.global_batch=16"])  # 8 micro-batches
+    # stage s holds 2 layers for p - s micro-batches in flight; the last also the head
+    assert [activation_bytes(one_f_one_b, False, stage=s) for s in range(4)] == pytest.approx(
+        [8 * layer, 6 * layer, 4 * layer, 2 * layer + head]
+    )
+    gpipe = _resolved([*common, "parallel.pp=4", "parallel.global_batch=16", "parallel.schedule=gpipe"])
+    assert activation_bytes(gpipe, False, stage=0) == pytest.approx(8 * 2 * layer)  # all 8 micro-batches
+    plan = estimate(one_f_one_b)
+    assert plan["largest_stage"] == 0 and plan["pipeline_bubble"] == pytest.approx(3 / 8)
+    per_stage, whole = preflight.parameter_counts(one_f_one_b)
+    assert whole == preflight.parameter_counts(serial)[1] and per_stage < whole / 2  # the tied copy counted once
 
 
 def _measured_activation_bytes(cfg, recompute: bool) -> int:

@@ -222,3 +222,25 @@ def test_bert_resume_continues_exactly(tmp_path, shared_cache):
     logged = [(r["iteration"], r["train/loss"]) for r in records(run_dir) if "train/loss" in r]
     assert [i for i, _ in logged] == list(range(1, 9))  # iterations 5-8 ran twice, and are recorded once
     assert dict(logged) == original
+
+
+@pytest.mark.slow
+def test_the_command_at_pp2_and_interleaved_logs_the_losses_of_pp1(tmp_path, shared_cache):
+    short = [*TINY, "model.layers=4", "train.iterations=4", "train.eval_interval=0", "parallel.global_batch=8"]
+    short += ["parallel.micro_batch=2", "checkpoint.save_final=false", "logger.wandb=false"]
+    layouts = {
+        "pp1": [],
+        "pp2": ["parallel.pp=2"],
+        "interleaved": ["parallel.pp=2", "parallel.virtual_stages=2", "parallel.schedule=interleaved"],
+    }
+    bubbles = {"pp2": "bubble (p - 1) / (v m) = 25.0%", "interleaved": "bubble (p - 1) / (v m) = 12.5%"}
+    losses = {}
+    for name, layout in layouts.items():
+        done = train(tmp_path / name, *short, *layout, cache=shared_cache)
+        output = done.stdout + done.stderr
+        assert done.returncode == 0, output[-3000:]
+        assert bubbles[name] in output if name in bubbles else "pipeline:" not in output  # the analytic bubble
+        losses[name] = [r["train/loss"] for r in records(tmp_path / name) if "train/loss" in r]
+    assert len(losses["pp1"]) == 4
+    for name in ("pp2", "interleaved"):
+        assert losses[name] == pytest.approx(losses["pp1"], rel=1e-5), name

@@ -16,6 +16,7 @@ from megatron_exp.config import ModelConfig
 from megatron_exp.models.transformer import TransformerModel
 from megatron_exp.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megatron_exp.parallel.mappings import f_linear
+from megatron_exp.parallel.pipeline import ModelPart
 from megatron_exp.parallel.sharding import ShardSpec
 from megatron_exp.parallel.state import Group
 
@@ -27,6 +28,7 @@ class BERTModel(TransformerModel):
     the encoder and pooler only."""
 
     perplexity_term = "mlm_loss"  # the perplexity of the masked tokens
+    loss_term_names = ("loss", "mlm_loss", "sop_loss", "sop_accuracy")
 
     def __init__(
         self,
@@ -36,10 +38,11 @@ class BERTModel(TransformerModel):
         activation_checkpointing: bool = False,
         seed: int = 0,
         pretraining_heads: bool = True,
+        part: ModelPart | None = None,
     ):
-        super().__init__(cfg, tp, activation_checkpointing, token_types=TOKEN_TYPES)
-        self.pooler = nn.Linear(cfg.hidden, cfg.hidden)
-        if pretraining_heads:
+        super().__init__(cfg, tp, activation_checkpointing, token_types=TOKEN_TYPES, part=part)
+        self.pooler = nn.Linear(cfg.hidden, cfg.hidden) if self.part.head else None
+        if pretraining_heads and self.part.head:
             self.mlm_dense = nn.Linear(cfg.hidden, cfg.hidden)
             self.mlm_norm = nn.LayerNorm(cfg.hidden, eps=cfg.layernorm_eps)
             rows = self.embedding.weight.shape[0]
@@ -59,10 +62,18 @@ class BERTModel(TransformerModel):
         return torch.tanh(self.pooler(hidden[:, 0]))
 
     def forward(
-        self, tokens: torch.Tensor, token_types: torch.Tensor, padding_mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (this rank's MLM logits [batch, seq, padded_vocab / tp], SOP logits [batch, 2])."""
-        hidden = self.encode(tokens, token_types, padding_mask)
+        self,
+        tokens: torch.Tensor,
+        token_types: torch.Tensor,
+        padding_mask: torch.Tensor,
+        hidden: torch.Tensor | None = None,
+        chunk: int | None = None,
+    ):
+        """-> (this rank's MLM logits [batch, seq, padded_vocab / tp], SOP logits [batch, 2]); in a pipeline, a
+        chunk before the last returns its hidden states instead."""
+        hidden = self.encode(tokens, token_types, padding_mask, hidden=hidden, chunk=chunk)
+        if not self.is_last(chunk):
+            return hidden
         x = self.mlm_norm(F.gelu(self.mlm_dense(hidden), approximate="tanh"))
         mlm_logits = f_linear(x, self.embedding.weight, self.mlm_bias, self.tp)
         sop_logits = self.sop_head(self.head_dropout(self.pool(hidden)))
@@ -89,6 +100,7 @@ class BERTMultipleChoice(nn.Module):
     through dropout and a linear layer to one score, and the options of a question compete in a softmax."""
 
     perplexity_term = None
+    loss_term_names = ("loss", "accuracy")
 
     def __init__(self, cfg: ModelConfig, tp: Group | None = None, *, seed: int = 0):
         super().__init__()
@@ -112,6 +124,10 @@ class BERTMultipleChoice(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.bert.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.bert.dtype
 
     def loss_terms(self, scores: torch.Tensor, answers: torch.Tensor) -> dict[str, torch.Tensor]:
         """Cross-entropy of the softmax over each question's options, and the share answered right."""

@@ -35,13 +35,19 @@ class Model(Protocol):
     tp: Group
     # The loss term whose exp is a perplexity (GPT: "loss", BERT: "mlm_loss"), or None (a classifier).
     perplexity_term: str | None
+    loss_term_names: tuple[str, ...]  # the keys of loss_terms (a pipeline's other stages report zeros for them)
 
     @property
     def device(self) -> torch.device:
         """Where the parameters live (and so where a batch must be)."""
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The parameters' dtype (and that of the activations between pipeline stages)."""
+
     def forward(self, **inputs: torch.Tensor) -> Any:
-        """The outputs that `loss_terms` takes (e.g. this rank's vocabulary slice of the logits)."""
+        """The outputs that `loss_terms` takes (e.g. this rank's vocabulary slice of the logits). A model that
+        can be split into pipeline stages also takes `hidden` (the previous chunk's output) and `chunk`."""
 
     def loss_terms(self, outputs: Any, **targets: torch.Tensor) -> dict[str, torch.Tensor]:
         """Scalar means over the micro-batch, the same on every TP rank; "loss" is what training minimizes."""

@@ -12,6 +12,7 @@ from megatron_exp.config import ModelConfig
 from megatron_exp.models.transformer import TransformerModel
 from megatron_exp.parallel.cross_entropy import vocab_parallel_argmax, vocab_parallel_cross_entropy
 from megatron_exp.parallel.mappings import f_linear
+from megatron_exp.parallel.pipeline import ModelPart
 from megatron_exp.parallel.state import Group
 
 
@@ -19,6 +20,7 @@ class GPTModel(TransformerModel):
     """Built on the current process grid's TP group (or `tp`); weights depend on `seed`, not on the TP degree."""
 
     perplexity_term = "loss"
+    loss_term_names = ("loss",)
 
     def __init__(
         self,
@@ -27,13 +29,16 @@ class GPTModel(TransformerModel):
         *,
         activation_checkpointing: bool = False,
         seed: int = 0,
+        part: ModelPart | None = None,
     ):
-        super().__init__(cfg, tp, activation_checkpointing)
+        super().__init__(cfg, tp, activation_checkpointing, part=part)
         self.finish_init(seed)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [batch, seq] -> this rank's logits [batch, seq, padded_vocab / tp]."""
-        return f_linear(self.encode(tokens), self.embedding.weight, None, self.tp)
+    def forward(self, tokens: torch.Tensor, hidden: torch.Tensor | None = None, chunk: int | None = None):
+        """tokens [batch, seq] -> this rank's logits [batch, seq, padded_vocab / tp]; in a pipeline, a chunk
+        before the last returns its hidden states instead."""
+        x = self.encode(tokens, hidden=hidden, chunk=chunk)
+        return f_linear(x, self.embedding.weight, None, self.tp) if self.is_last(chunk) else x
 
     def loss_terms(self, logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
         """The mean token loss."""

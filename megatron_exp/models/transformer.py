@@ -7,6 +7,7 @@ each). Layernorms, the residual stream and the row-parallel biases are replicate
 
 from __future__ import annotations
 
+import hashlib
 import math
 from contextlib import nullcontext
 
@@ -17,6 +18,7 @@ from torch import nn
 from megatron_exp.config import ModelConfig
 from megatron_exp.parallel import random, state
 from megatron_exp.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+from megatron_exp.parallel.pipeline import ModelPart, whole
 from megatron_exp.parallel.sharding import init_normal_shard_
 from megatron_exp.parallel.state import Group
 
@@ -89,62 +91,91 @@ class TransformerModel(nn.Module):
     """Word (vocab-parallel) + learned position [+ token type] embeddings, then the layer stack, normalized once:
     after the stack with pre-LN, on the embeddings with post-LN. GPT and BERT add their heads on top.
 
-    Weights depend on `seed`, not on the TP degree. Built under `torch.device("meta")` it allocates nothing and
-    skips initialization (for counting and planning). Subclasses add their modules, then call `finish_init`.
+    `part` is what this pipeline stage holds (default: everything): its chunks' layers, keyed by their global
+    index so parameter names (and checkpoints) are the same at every layout; the embeddings on the stage of the
+    first chunk; the final norm and the heads on the stage of the last, which also keeps a copy of the word
+    embedding for the tied output layer (flagged `pipeline_copy`: the embedding group keeps it equal to the
+    first stage's, and the gradient norm counts it once).
+
+    Weights depend on `seed`, not on the layout: every module draws from a generator seeded by the seed and its
+    own name. Built under `torch.device("meta")` it allocates nothing and skips initialization (for counting
+    and planning). Subclasses add their modules, then call `finish_init`.
     """
 
-    def __init__(self, cfg: ModelConfig, tp: Group | None, activation_checkpointing: bool, token_types: int = 0):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        tp: Group | None,
+        activation_checkpointing: bool,
+        token_types: int = 0,
+        part: ModelPart | None = None,
+    ):
         super().__init__()
         self.tp = tp or state.current().tp
         cfg.validate(self.tp.size)
         self.cfg, self.activation_checkpointing = cfg, activation_checkpointing
-        self.embedding = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden, init_std=cfg.init_std, tp=self.tp)
-        self.position_embedding = nn.Parameter(torch.empty(cfg.seq_len, cfg.hidden))
-        self.token_type_embedding = nn.Parameter(torch.empty(token_types, cfg.hidden)) if token_types else None
-        self.embedding_dropout = nn.Dropout(cfg.hidden_dropout)
-        self.layers = nn.ModuleList(TransformerLayer(cfg, self.tp) for _ in range(cfg.layers))
-        norm = nn.LayerNorm(cfg.hidden, eps=cfg.layernorm_eps)
-        self.final_norm, self.embedding_norm = (norm, None) if cfg.layernorm == "pre" else (None, norm)
+        self.part = part or whole(cfg.layers)
+        first, last, pre_ln = self.part.embeddings, self.part.head, cfg.layernorm == "pre"
+        self.embedding = None
+        if first or last:
+            self.embedding = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden, init_std=cfg.init_std, tp=self.tp)
+            self.embedding.weight.pipeline_copy = not first
+        self.position_embedding = nn.Parameter(torch.empty(cfg.seq_len, cfg.hidden)) if first else None
+        types = token_types if first else 0
+        self.token_type_embedding = nn.Parameter(torch.empty(types, cfg.hidden)) if types else None
+        self.embedding_dropout = nn.Dropout(cfg.hidden_dropout) if first else None
+        self.layers = nn.ModuleDict({str(i): TransformerLayer(cfg, self.tp) for i in self.part.layers})
+        self.final_norm = nn.LayerNorm(cfg.hidden, eps=cfg.layernorm_eps) if last and pre_ln else None
+        self.embedding_norm = nn.LayerNorm(cfg.hidden, eps=cfg.layernorm_eps) if first and not pre_ln else None
 
     @property
     def device(self) -> torch.device:
-        return self.position_embedding.device
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The parameters' dtype, which is also that of the activations passed between pipeline stages."""
+        return next(self.parameters()).dtype
 
     def compile_layers(self) -> None:
         """torch.compile each transformer layer in place (`train.compile`): parameter names, and so checkpoints,
         stay the same, and the embeddings and loss stay eager."""
-        for layer in self.layers:
+        for layer in self.layers.values():
             layer.compile()
 
     def finish_init(self, seed: int) -> None:
-        if not self.position_embedding.is_meta:
+        if not next(self.parameters()).is_meta:
             self.init_weights(seed)
+
+    def generator(self, seed: int, name: str) -> torch.Generator:
+        """The random stream of the module (or parameter) called `name`: the same whichever stage builds it."""
+        digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
+        return torch.Generator(device=self.device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
         """Normal(0, init_std) weights (output projections scaled down), zero biases, unit layernorms.
 
-        Parameters are drawn in module order from one generator as whole serial tensors, so every TP degree
-        starts from the same model; replicated linear layers (heads) get the same draw on every rank.
+        Each tensor is drawn whole (serial) and then sharded, so every TP degree starts from the same model;
+        replicated linear layers (heads) get the same draw on every rank.
         """
-        generator = torch.Generator(device=self.position_embedding.device).manual_seed(seed)
-        self.embedding.reset_parameters(generator)
-        init_normal_shard_(self.position_embedding, self.tp, self.cfg.init_std, generator)
-        if self.token_type_embedding is not None:
-            init_normal_shard_(self.token_type_embedding, self.tp, self.cfg.init_std, generator)
-        for module in self.modules():
-            if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
-                module.reset_parameters(generator)
+        for name in ("position_embedding", "token_type_embedding"):
+            if getattr(self, name) is not None:
+                init_normal_shard_(getattr(self, name), self.tp, self.cfg.init_std, self.generator(seed, name))
+        for name, module in self.named_modules():
+            if isinstance(module, (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding)):
+                module.reset_parameters(self.generator(seed, name))
             elif isinstance(module, nn.Linear):
-                module.weight.normal_(0.0, self.cfg.init_std, generator=generator)
+                module.weight.normal_(0.0, self.cfg.init_std, generator=self.generator(seed, name))
                 nn.init.zeros_(module.bias)
             elif isinstance(module, nn.LayerNorm):
                 module.reset_parameters()
 
-    def encode(
-        self, tokens: torch.Tensor, token_types: torch.Tensor | None = None, padding_mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """tokens [batch, seq] -> hidden states [batch, seq, hidden], replicated on every TP rank."""
+    def is_last(self, chunk: int | None) -> bool:
+        """Whether `chunk` (None: the model is on one stage) ends the model, so its output goes to the head."""
+        return self.part.head and (chunk is None or chunk == self.part.count - 1)
+
+    def embed(self, tokens: torch.Tensor, token_types: torch.Tensor | None = None) -> torch.Tensor:
         seq = tokens.shape[1]
         if seq > self.cfg.seq_len:
             raise ValueError(f"sequence of {seq} tokens is longer than model.seq_len={self.cfg.seq_len}")
@@ -153,10 +184,24 @@ class TransformerModel(nn.Module):
             x = x + F.embedding(token_types, self.token_type_embedding)
         if self.embedding_norm is not None:
             x = self.embedding_norm(x)
-        x = self.embedding_dropout(x)
-        for layer in self.layers:
+        return self.embedding_dropout(x)
+
+    def encode(
+        self,
+        tokens: torch.Tensor,
+        token_types: torch.Tensor | None = None,
+        padding_mask: torch.Tensor | None = None,
+        *,
+        hidden: torch.Tensor | None = None,
+        chunk: int | None = None,
+    ) -> torch.Tensor:
+        """tokens [batch, seq] -> hidden states [batch, seq, hidden], replicated on every TP rank: through the
+        whole model, or (pipeline) through `chunk` only, from the previous chunk's `hidden`."""
+        x = self.embed(tokens, token_types) if chunk in (None, 0) else hidden
+        for index in self.part.chunks[chunk or 0]:
+            layer = self.layers[str(index)]
             if self.activation_checkpointing and self.training:
                 x = random.checkpoint(layer, x, padding_mask)
             else:
                 x = layer(x, padding_mask)
-        return x if self.final_norm is None else self.final_norm(x)
+        return self.final_norm(x) if self.final_norm is not None and self.is_last(chunk) else x

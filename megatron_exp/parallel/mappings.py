@@ -26,10 +26,11 @@ import torch.nn.functional as F
 from megatron_exp.parallel.state import Group
 
 
-def all_reduce_(tensor: torch.Tensor, tp: Group, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> torch.Tensor:
-    """In-place all-reduce over the TP group, outside autograd (a no-op at size 1)."""
-    if tp.size > 1:
-        dist.all_reduce(tensor, op=op, group=tp.handle)
+def all_reduce_(tensor: torch.Tensor, group: Group, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> torch.Tensor:
+    """In-place all-reduce over one dimension of the grid (the TP group, mostly), outside autograd (a no-op at
+    size 1)."""
+    if group.size > 1:
+        dist.all_reduce(tensor, op=op, group=group.handle)
     return tensor
 
 

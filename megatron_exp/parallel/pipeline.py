@@ -31,21 +31,28 @@ class Action(NamedTuple):
 
 @dataclass(frozen=True)
 class ModelPart:
-    """What one stage builds of the model: the layers of its chunks (global indices), and whether it holds the
-    embeddings (the first chunk) and the head and loss (the last chunk)."""
+    """What one stage builds of the model: its chunks (global chunk index -> global layer indices) out of
+    `count`, so it holds the embeddings if it has the first chunk and the head and loss if it has the last."""
 
-    chunks: tuple[range, ...]
-    embeddings: bool = True
-    head: bool = True
+    chunks: dict[int, range]
+    count: int = 1
 
     @property
     def layers(self) -> list[int]:
-        return [i for chunk in self.chunks for i in chunk]
+        return [i for chunk in self.chunks.values() for i in chunk]
+
+    @property
+    def embeddings(self) -> bool:
+        return 0 in self.chunks
+
+    @property
+    def head(self) -> bool:
+        return self.count - 1 in self.chunks
 
 
 def whole(layers: int) -> ModelPart:
     """The whole model on one stage."""
-    return ModelPart((range(layers),))
+    return ModelPart({0: range(layers)})
 
 
 @dataclass(frozen=True)
@@ -69,10 +76,7 @@ class PipelineLayout:
         return [stage + k * self.stages for k in range(self.virtual)]
 
     def part(self, stage: int) -> ModelPart:
-        chunks = self.chunks_of(stage)
-        return ModelPart(
-            tuple(self.chunk_layers(c) for c in chunks), embeddings=0 in chunks, head=self.chunks - 1 in chunks
-        )
+        return ModelPart({c: self.chunk_layers(c) for c in self.chunks_of(stage)}, self.chunks)
 
     def validate(self, micro_batches: int, schedule: str) -> str | None:
         """Why this layout cannot run `schedule` over `micro_batches`, or None."""
@@ -131,3 +135,15 @@ def _interleaved(layout: PipelineLayout, m: int, stage: int) -> list[Action]:
 def forward_only(layout: PipelineLayout, micro_batches: int, stage: int) -> list[Action]:
     """Evaluation: every micro-batch through this stage's chunks in turn (no backward, nothing kept)."""
     return [Action(True, c, i) for i in range(micro_batches) for c in layout.chunks_of(stage)]
+
+
+def peak_in_flight(layout: PipelineLayout, schedule: str, micro_batches: int, stage: int) -> int:
+    """The most chunk forwards `stage` holds activations of at once (forwarded, not yet backwarded): what its
+    activation memory scales with. Without a pipeline, one micro-batch at a time."""
+    if layout.stages == 1:
+        return 1
+    live = peak = 0
+    for action in actions(layout, schedule, micro_batches, stage):
+        live += 1 if action.forward else -1
+        peak = max(peak, live)
+    return peak

@@ -15,6 +15,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 import torch
 import torch.utils.checkpoint
 
+PIPELINE_STAGE_SEED_OFFSET = 100  # per pipeline stage, on both streams (as Megatron)
 # Offset between the replicated stream's seed and the TP-region streams' seeds (Megatron uses the same).
 TP_REGION_SEED_OFFSET = 2718
 
@@ -62,8 +63,10 @@ class _TPRegionStream:
 _stream = _TPRegionStream()
 
 
-def seed(seed: int, tp_rank: int, device: torch.device | str = "cpu") -> None:
-    """Seed the replicated stream with `seed` (same on all TP ranks) and the TP-region stream per TP rank."""
+def seed(seed: int, tp_rank: int, device: torch.device | str = "cpu", stage: int = 0) -> None:
+    """Seed the replicated stream with `seed` (same on all TP ranks) and the TP-region stream per TP rank; each
+    pipeline stage offsets both, so its layers do not draw the dropout masks of another stage's layers."""
+    seed += PIPELINE_STAGE_SEED_OFFSET * stage
     device = torch.device(device)
     torch.manual_seed(seed)  # seeds CPU and every CUDA device
     _stream.seed(seed + TP_REGION_SEED_OFFSET + tp_rank, device)

@@ -1,7 +1,10 @@
-"""The process grid: ranks laid out as (pp, dp, tp) with TP innermost, so a TP group is adjacent ranks.
+"""The process grid: ranks laid out as (pp, dp, tp) with TP innermost, so a TP group is adjacent ranks
+(Megatron's order, Narayanan et al. 2021).
 
 Adjacent ranks share a node (and NVLink on GPUs), which is where the per-layer all-reduces of TP belong;
-DP groups stride across TP groups. Pipeline parallelism is reserved as a dimension of size 1.
+DP groups stride across TP groups, and PP groups across both (pipeline stages may sit on different nodes: they
+exchange one activation per micro-batch). The embedding group joins the first and last stage of a pipeline: both
+hold the tied word embedding, and it sums their gradients.
 
 Layers capture the `Group` they are built with, so a serial model and a TP model can live in one process
 (tests do this) and nothing in a forward pass looks up global state.
@@ -32,7 +35,9 @@ class Group:
 class ProcessGrid:
     tp: Group = Group()
     dp: Group = Group()
-    pp: Group = Group()
+    pp: Group = Group()  # its handle carries activations forward; pp_backward carries gradients back
+    pp_backward: dist.ProcessGroup | None = field(default=None, compare=False)
+    embedding: dist.ProcessGroup | None = field(default=None, compare=False)  # first + last stage, pp > 1
     # Every rank, on gloo whatever the backend: small CPU messages beside the training's collectives (a stop
     # request, who stopped answering). None when there is one rank.
     control: dist.ProcessGroup | None = field(default=None, compare=False)
@@ -66,10 +71,12 @@ def group_members(world_size: int, tp: int, pp: int = 1) -> dict[str, list[list[
         raise ValueError(f"world size {world_size} is not divisible by tp*pp = {tp}*{pp}")
     dp = world_size // (tp * pp)
     ranks = torch.arange(world_size).reshape(pp, dp, tp)
+    pipelines = ranks.permute(1, 2, 0).reshape(-1, pp)
     return {
         "tp": ranks.reshape(-1, tp).tolist(),
         "dp": ranks.permute(0, 2, 1).reshape(-1, dp).tolist(),
-        "pp": ranks.permute(1, 2, 0).reshape(-1, pp).tolist(),
+        "pp": pipelines.tolist(),
+        "embedding": pipelines[:, [0, -1]].tolist() if pp > 1 else [],
     }
 
 
@@ -96,20 +103,21 @@ def initialize(
     Every rank creates every group, in the same order, as torch.distributed requires.
     """
     global _current
-    if pp != 1:
-        raise NotImplementedError("pipeline parallelism is reserved: parallel.pp must be 1")
     if not dist.is_initialized():
         join(backend, timeout)
     world, rank = dist.get_world_size(), dist.get_rank()
     members = group_members(world, tp, pp)
-    dims = {}
+    dims, handles = {}, {}
     for name, groups in members.items():
         for ranks in groups:
             handle = dist.new_group(ranks, timeout=timeout) if len(ranks) > 1 else None
+            backward = dist.new_group(ranks, timeout=timeout) if name == "pp" and len(ranks) > 1 else None
             if rank in ranks:
                 dims[name] = Group(len(ranks), ranks.index(rank), handle)
+                handles[name] = handle, backward
     control = dist.new_group(backend="gloo", timeout=timeout) if world > 1 else None
-    _current = ProcessGrid(**dims, control=control)
+    embedding = dims.pop("embedding", Group()).handle
+    _current = ProcessGrid(**dims, pp_backward=handles["pp"][1], embedding=embedding, control=control)
     return _current
 
 
@@ -132,6 +140,6 @@ def use(grid: ProcessGrid) -> Iterator[ProcessGrid]:
         _current = previous
 
 
-def virtual(tp: int, tp_rank: int = 0) -> ProcessGrid:
+def virtual(tp: int, tp_rank: int = 0, pp: int = 1, pp_rank: int = 0) -> ProcessGrid:
     """A grid with no process groups: enough to build (not run) one rank's shard, e.g. on the meta device."""
-    return ProcessGrid(tp=Group(tp, tp_rank))
+    return ProcessGrid(tp=Group(tp, tp_rank), pp=Group(pp, pp_rank))

@@ -74,6 +74,11 @@ def prepare(composed: EvalConfig, run_dir: str, joined: bool, build_inputs: Call
             "(BERT checkpoints are fine-tuned with python -m megatron_exp.tasks.race)"
         )
     model.validate(cfg.parallel.tp)
+    if cfg.parallel.pp != 1:
+        raise ConfigError(
+            f"parallel.pp={cfg.parallel.pp}: evaluations run on TP ranks only (a checkpoint of any pipeline layout "
+            "loads); use parallel.pp=1"
+        )
     cfg.parallel.dp = 1
     if cfg.task.seq_len is None:
         cfg.task.seq_len = model.seq_len
@@ -90,7 +95,7 @@ def prepare(composed: EvalConfig, run_dir: str, joined: bool, build_inputs: Call
 def evaluate_rank(evaluate: Callable, spec: RunSpec[EvalConfig], grid: state.ProcessGrid) -> dict:
     """One evaluation rank: the model at this TP degree, then `evaluate(model, task, inputs, autocast, progress)`."""
     cfg = spec.config
-    model = load_model(Path(spec.inputs["checkpoint"]), grid.tp, device_of(cfg.hardware))
+    model = load_model(Path(spec.inputs["checkpoint"]), grid, device_of(cfg.hardware))
     autocast = hardware.autocast(cfg.hardware.precision, model.device)
     return evaluate(model, cfg.task, spec.inputs, autocast, progress=grid.rank == 0)
 
@@ -114,11 +119,11 @@ def main(raw: DictConfig, build_inputs: Callable, evaluate: Callable) -> dict | 
     return entry.run(raw, EvalConfig, prepare_task, functools.partial(evaluate_rank, evaluate), report)
 
 
-def load_model(directory: Path, tp: state.Group, device: torch.device) -> GPTModel:
+def load_model(directory: Path, grid: state.ProcessGrid, device: torch.device) -> GPTModel:
     """The checkpoint's model as this TP rank's shard, in eval mode (dropout off)."""
     cfg = checkpoint.model_config_of(directory)
     with torch.device(device):
-        model = GPTModel(cfg, tp)
-    weights = checkpoint.load_model_state(directory, tp.size, tp.rank)
+        model = GPTModel(cfg, grid.tp)
+    weights = checkpoint.load_model_state(directory, model, grid)
     checkpoint.load_into(model, weights, directory, "model")
     return model.eval()

@@ -160,7 +160,7 @@ class FineTuning:
         model_cfg = checkpoint.model_config_of(pretrained)
         with torch.device(device_of(cfg.hardware)):
             self.model = BERTMultipleChoice(model_cfg, grid.tp, seed=cfg.seed)
-        weights = checkpoint.load_model_state(pretrained, grid.tp.size, grid.tp.rank)
+        weights = checkpoint.load_model_state(pretrained, self.model.bert, grid)
         encoder = {name: weights[name] for name in self.model.bert.state_dict() if name in weights}
         checkpoint.load_into(self.model.bert, encoder, pretrained, "model")  # the pretraining heads stay behind
         self.splits = {split: dict(np.load(path)) for split, path in inputs.items()}
@@ -245,6 +245,11 @@ def prepare(composed: RaceConfig, run_dir: str, joined: bool) -> RunSpec[RaceCon
     model.validate(cfg.parallel.tp)
     if cfg.parallel.dp not in (None, 1):
         raise ConfigError(f"parallel.dp={cfg.parallel.dp}: RACE fine-tuning runs on TP ranks only; use parallel.dp=1")
+    if cfg.parallel.pp != 1:
+        raise ConfigError(
+            f"parallel.pp={cfg.parallel.pp}: RACE fine-tuning runs on TP ranks only (a checkpoint of any pipeline "
+            "layout loads); use parallel.pp=1"
+        )
     par = cfg.parallel
     par.dp = 1
     if par.global_batch is None:

@@ -19,7 +19,9 @@ import torch.distributed as dist
 
 from megatron_exp.config import ConfigError, ModelConfig
 from megatron_exp.models import build_model
+from megatron_exp.models.transformer import TransformerModel
 from megatron_exp.parallel.sharding import merge_state_dicts, shard_specs
+from megatron_exp.parallel.state import ProcessGrid
 
 log = logging.getLogger(__name__)
 
@@ -222,19 +224,41 @@ def model_config_of(directory: Path) -> ModelConfig:
     return ModelConfig(**read_meta(directory)["model"])
 
 
+def layout_of(meta: dict) -> tuple[int, int, int]:
+    """(tp, pp, virtual stages) a checkpoint was saved at (older ones had no pipeline)."""
+    return meta["tp"], meta.get("pp", 1), meta.get("virtual_stages", 1)
+
+
+def stage_ranks(meta: dict, stage: int) -> list[int]:
+    """The global ranks holding DP replica 0 of pipeline stage `stage`, in TP order (the grid is (pp, dp, tp))."""
+    tp, dp = meta["tp"], meta["dp"]
+    return [(stage * dp) * tp + t for t in range(tp)]
+
+
 def load_serial_model_state(directory: Path) -> dict:
-    """The whole model as a serial (TP=1) state dict, merged from the shards of DP replica 0."""
-    tp = read_meta(directory)["tp"]
+    """The whole model as a serial (TP=1, one stage) state dict: each stage's TP shards merged, the stages
+    joined (the last stage's copy of the tied embedding equals the first stage's)."""
+    meta = read_meta(directory)
     with torch.device("meta"):
         specs = shard_specs(build_model(model_config_of(directory)))
-    return merge_state_dicts([load_rank(directory, rank)["model"] for rank in range(tp)], specs)
+    serial = {}
+    for stage in range(layout_of(meta)[1]):
+        shards = [load_rank(directory, rank)["model"] for rank in stage_ranks(meta, stage)]
+        unknown = set(shards[0]) - set(specs)
+        if unknown:
+            raise CheckpointError(f"{directory}: stage {stage} holds {sorted(unknown)[:3]}, which the model has not")
+        serial |= merge_state_dicts(shards, {name: specs[name] for name in shards[0]})
+    missing = set(specs) - set(serial)
+    if missing:
+        raise CheckpointError(f"{directory}: no stage holds {sorted(missing)[:3]}: the checkpoint is incomplete")
+    return serial
 
 
-def load_model_state(directory: Path, tp_size: int, tp_rank: int) -> dict:
-    """TP rank `tp_rank`'s model weights at TP degree `tp_size`, whatever degree the checkpoint was saved at."""
-    if read_meta(directory)["tp"] == tp_size:
-        return load_rank(directory, tp_rank)["model"]  # global rank tp_rank is (dp 0, tp tp_rank)
-    serial = load_serial_model_state(directory)
-    with torch.device("meta"):
-        specs = shard_specs(build_model(model_config_of(directory)))
-    return {name: specs[name].shard(t, tp_size, tp_rank, name) for name, t in serial.items()}
+def load_model_state(directory: Path, model: TransformerModel, grid: ProcessGrid) -> dict:
+    """The weights of `model` (this rank's TP shard of its pipeline stage) from a checkpoint saved at any layout:
+    read directly when the layout is the same, else merged to serial and re-split."""
+    meta = read_meta(directory)
+    if layout_of(meta) == (grid.tp.size, grid.pp.size, model.part.count // grid.pp.size):
+        return load_rank(directory, stage_ranks(meta, grid.pp.rank)[grid.tp.rank])["model"]
+    serial, specs = load_serial_model_state(directory), shard_specs(model)
+    return {name: specs[name].shard(serial[name], grid.tp.size, grid.tp.rank, name) for name in specs}

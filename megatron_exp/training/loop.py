@@ -17,18 +17,19 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 from megatron_exp.config import HardwareConfig, OptimizerConfig
 from megatron_exp.hardware import autocast, peak_memory_gb
 from megatron_exp.models.contract import Batch, Model
 from megatron_exp.parallel import random
 from megatron_exp.parallel.mappings import all_reduce_
+from megatron_exp.parallel.pipeline import PipelineLayout, bubble_fraction
 from megatron_exp.parallel.state import ProcessGrid
 from megatron_exp.training import checkpoint, flops
+from megatron_exp.training.grad_sync import GradientSync
 from megatron_exp.training.metrics import MetricSinks
 from megatron_exp.training.optim import DynamicLossScaler, build_optimizer, learning_rate, optimizer_step
-from megatron_exp.training.schedule import MicroBatches
+from megatron_exp.training.schedule import MicroBatches, Pipeline
 from megatron_exp.training.stop import Interrupted, StopAgreement
 
 log = logging.getLogger(__name__)
@@ -76,13 +77,14 @@ class Work(Protocol):
         """What meta.json records besides the layout and the model."""
 
 
-def dp_mean(values: list[torch.Tensor], grid: ProcessGrid) -> list[float]:
-    """Per-rank scalars averaged over the DP group, in fp32 (one collective, one host sync)."""
-    stacked = torch.stack([v.float() for v in values])
-    if grid.dp.size > 1:
-        all_reduce_(stacked, grid.dp)
-        stacked /= grid.dp.size
-    return stacked.tolist()
+def reported(terms: list[torch.Tensor], grid: ProcessGrid, shared: tuple[torch.Tensor, ...] = ()) -> list[float]:
+    """Loss terms as reported (in fp32, one host sync): from the last pipeline stage (the others hold zeros: they
+    are summed over the PP group), averaged over DP; `shared` values (the same on every stage) only averaged."""
+    stacked = torch.stack([v.float() for v in terms])
+    all_reduce_(stacked, grid.pp)
+    stacked = torch.cat([stacked, torch.stack([v.float() for v in shared])]) if shared else stacked
+    all_reduce_(stacked, grid.dp)
+    return (stacked / grid.dp.size).tolist()
 
 
 class TrainingLoop:
@@ -97,20 +99,25 @@ class TrainingLoop:
         run_dir: str,
         wandb: dict | None = None,
         resume: str | None = None,
+        pipeline: PipelineLayout | None = None,
+        schedule: str = "1f1b",
     ):
-        """`wandb`: wandb.init arguments (used on global rank 0); `resume`: a checkpoint directory to continue."""
+        """`wandb`: wandb.init arguments (used on global rank 0); `resume`: a checkpoint directory to continue;
+        `pipeline`: the layout of a pipeline of more than one stage, run with `schedule`."""
         self.work, self.grid, self.model = work, grid, work.model
         self.optimizer_cfg, self.hardware, self.cadence, self.run_dir = optimizer, hardware, cadence, run_dir
         self.device = self.model.device
-        forward = self.model
-        if grid.dp.size > 1:  # bucketed gradient all-reduce over the DP group, overlapped with backward
-            device_ids = [self.device.index] if self.device.type == "cuda" else None
-            forward = DistributedDataParallel(self.model, device_ids, process_group=grid.dp.handle)
         self.parameters = list(self.model.parameters())
+        self.sync_gradients = GradientSync(self.model, grid)
         self.optimizer = build_optimizer(self.model, optimizer)
         self.scaler = DynamicLossScaler(self.device) if hardware.precision == "fp16" else None
-        scale = self.scaler.scale if self.scaler else None
-        self.schedule = MicroBatches(self.model, forward, autocast(hardware.precision, self.device), scale)
+        scale, cast = (self.scaler.scale if self.scaler else None), autocast(hardware.precision, self.device)
+        self.schedule_name = schedule
+        if pipeline is not None and pipeline.stages > 1:
+            self.schedule = Pipeline(self.model, grid, pipeline, schedule, cast, scale)
+        else:
+            self.schedule = MicroBatches(self.model, cast, scale)
+        self.layout = pipeline or PipelineLayout(layers=self.model.cfg.layers)
         self.start_iteration = 0
         if resume:
             self._restore(Path(resume))
@@ -125,8 +132,8 @@ class TrainingLoop:
         cfg, grid, cost = self.model.cfg, self.grid, self.work.cost
         shard = sum(p.numel() for p in self.parameters)
         log.info(
-            "model: %s, %.2fM parameters on rank 0 (TP shard) | grid: tp=%d dp=%d | %s, %s",
-            cfg.name, shard / 1e6, grid.tp.size, grid.dp.size, self.device, self.hardware.precision,
+            "model: %s, %.2fM parameters on rank 0 (its TP shard of stage 0) | grid: tp=%d pp=%d dp=%d | %s, %s",
+            cfg.name, shard / 1e6, grid.tp.size, grid.pp.size, grid.dp.size, self.device, self.hardware.precision,
         )  # fmt: skip
         peak = self.hardware.peak_tflops
         log.info(
@@ -139,7 +146,10 @@ class TrainingLoop:
 
     def save_checkpoint(self, iteration: int) -> None:
         grid = self.grid
-        meta = {"world_size": grid.world_size, "tp": grid.tp.size, "dp": grid.dp.size, "model": asdict(self.model.cfg)}
+        meta = {
+            "world_size": grid.world_size, "tp": grid.tp.size, "dp": grid.dp.size, "pp": grid.pp.size,
+            "virtual_stages": self.layout.virtual, "model": asdict(self.model.cfg),
+        }  # fmt: skip
         state = {
             "iteration": iteration,
             "model": self.model.state_dict(),
@@ -170,7 +180,10 @@ class TrainingLoop:
         lr = learning_rate(self.optimizer_cfg, iteration, self.cadence.iterations)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        terms = self.schedule.train(self.work.micro_batches(iteration))
+        batches = self.work.micro_batches(iteration)
+        self.bubble = bubble_fraction(self.layout.stages, self.layout.virtual, len(batches))
+        terms = self.schedule.train(batches)
+        self.sync_gradients()
         clip = self.optimizer_cfg.clip_grad
         norm, skipped = optimizer_step(self.optimizer, self.parameters, clip, self.grid, self.scaler)
         return terms, norm, skipped
@@ -200,6 +213,8 @@ class TrainingLoop:
                     "set hardware.peak_tflops, or delete the peak cache to measure it again",
                     100 * record["perf/mfu"], 100 * record["perf/hfu"], self.hardware.name,
                 )  # fmt: skip
+        if self.grid.pp.size > 1:
+            record["perf/pipeline_bubble"] = self.bubble  # analytic: (p - 1) / (v m)
         record["perf/step_time_s"] = step_time
         record["perf/peak_memory_gb"] = peak_memory_gb(self.device)
         return record
@@ -245,10 +260,8 @@ class TrainingLoop:
     def _log_window(self, iteration: int) -> dict:
         """The record of the steps since the last one (every rank takes part: the means are over DP)."""
         names = [name for name in self.window if name not in ("grad_norm", "skipped")]
-        *values, sum_norm, skipped_steps = dp_mean(
-            [self.window[n] / self.steps for n in names] + [self.window["grad_norm"], self.window["skipped"]],
-            self.grid,
-        )
+        shared = (self.window["grad_norm"], self.window["skipped"])
+        *values, sum_norm, skipped_steps = reported([self.window[n] / self.steps for n in names], self.grid, shared)
         means = dict(zip(names, values, strict=True))
         if not math.isfinite(means["loss"]):
             raise TrainingDiverged(

@@ -43,20 +43,22 @@ def grad_norm(parameters: list[nn.Parameter], grid: ProcessGrid) -> torch.Tensor
     """Global L2 norm of the gradients of the whole (unsplit) model, the same on every rank.
 
     TP-split parameters contribute their slice on every TP rank; replicated ones (identical on all TP ranks) are
-    counted on TP rank 0 only, so they are counted once. DP replicas hold identical averaged gradients.
+    counted on TP rank 0 only; every pipeline stage adds its layers, and the last stage's copy of the tied word
+    embedding is left out (the first stage counts it). DP replicas hold identical averaged gradients.
     """
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return torch.zeros(())
     device = grads[0].device
-    split = [g for p, g in zip(parameters, grads, strict=True) if ShardSpec.of(p).dim is not None]
-    replicated = [g for p, g in zip(parameters, grads, strict=True) if ShardSpec.of(p).dim is None]
+    counted = [(p, p.grad) for p in parameters if p.grad is not None and not getattr(p, "pipeline_copy", False)]
+    split = [g for p, g in counted if ShardSpec.of(p).dim is not None]
+    replicated = [g for p, g in counted if ShardSpec.of(p).dim is None]
     squares = torch.zeros((), device=device, dtype=torch.float32)
     if split:
         squares += torch.nn.utils.get_total_norm(split).float() ** 2
     if replicated and grid.tp.rank == 0:
         squares += torch.nn.utils.get_total_norm(replicated).float() ** 2
-    return all_reduce_(squares, grid.tp).sqrt()
+    return all_reduce_(all_reduce_(squares, grid.tp), grid.pp).sqrt()
 
 
 def clip_gradients_(parameters: list[nn.Parameter], max_norm: float, grid: ProcessGrid) -> torch.Tensor:

@@ -17,9 +17,11 @@ from megatron_exp.hardware import device_of
 from megatron_exp.models import build_model
 from megatron_exp.models.contract import Batch
 from megatron_exp.parallel import random
+from megatron_exp.parallel.pipeline import PipelineLayout, bubble_fraction
+from megatron_exp.parallel.sharding import padded_vocab_size
 from megatron_exp.parallel.state import ProcessGrid
 from megatron_exp.training import checkpoint, flops
-from megatron_exp.training.loop import Cadence, Cost, TrainingLoop, dp_mean
+from megatron_exp.training.loop import Cadence, Cost, TrainingLoop, reported
 from megatron_exp.training.schedule import MicroBatches
 
 log = logging.getLogger(__name__)
@@ -50,19 +52,20 @@ class Pretraining:
         self.cfg, self.grid = cfg, grid
         par = cfg.parallel
         self.accumulation = par.global_batch // (par.micro_batch * grid.dp.size)
+        self.layout = PipelineLayout(par.pp, par.virtual_stages, cfg.model.layers)
         with torch.device(device_of(cfg.hardware)):
-            recompute, seed = par.activation_checkpointing, cfg.train.seed
-            self.model = build_model(cfg.model, activation_checkpointing=recompute, seed=seed)
+            recompute, seed, part = par.activation_checkpointing, cfg.train.seed, self.layout.part(grid.pp.rank)
+            self.model = build_model(cfg.model, activation_checkpointing=recompute, seed=seed, part=part)
         if cfg.train.compile:
             self.model.compile_layers()
         if cfg.checkpoint.init_from and not cfg.resume:
             directory = Path(cfg.checkpoint.init_from)
-            weights = checkpoint.load_model_state(directory, grid.tp.size, grid.tp.rank)
+            weights = checkpoint.load_model_state(directory, self.model, grid)
             checkpoint.load_into(self.model, weights, directory, "model")
             log.info("initialized the weights from %s", directory)
         self.splits = load_samples(cfg)
         m, seq = cfg.model, cfg.data.seq_len
-        vocab = self.model.embedding.padded_vocab_size
+        vocab = padded_vocab_size(m.vocab_size, grid.tp.size)
         self.cost = Cost(
             tokens=par.global_batch * seq,
             model_flops=flops.model_flops(par.global_batch, seq, m.layers, m.hidden, vocab),
@@ -70,11 +73,19 @@ class Pretraining:
         )
 
     def describe(self) -> str:
-        par = self.cfg.parallel
-        return (
+        par, layout = self.cfg.parallel, self.layout
+        text = (
             f"global batch {par.global_batch} = micro {par.micro_batch} x dp {self.grid.dp.size} x accumulation "
             f"{self.accumulation}, seq {self.cfg.data.seq_len}"
         )
+        if layout.stages > 1:
+            bubble = bubble_fraction(layout.stages, layout.virtual, self.accumulation)
+            text += (
+                f" | pipeline: {layout.stages} stages x {layout.virtual} virtual, {len(layout.chunk_layers(0))} "
+                f"layers per chunk, {par.schedule} over {self.accumulation} micro-batches, bubble (p - 1) / (v m) "
+                f"= {100 * bubble:.1f}%"
+            )
+        return text
 
     def _batches(self, split: str, index: int) -> list[Batch]:
         """This DP rank's micro-batches of global batch `index` (0-based) of `split`."""
@@ -97,7 +108,7 @@ class Pretraining:
         record = {}
         for split, count in splits.items():
             sums = schedule.evaluate([b for i in range(count) for b in self._batches(split, i)])
-            values = dp_mean([total / (count * self.accumulation) for total in sums.values()], self.grid)
+            values = reported([total / (count * self.accumulation) for total in sums.values()], self.grid)
             means = dict(zip(sums, values, strict=True))
             record |= {f"{split}/{name}": value for name, value in means.items()}
             record[f"{split}/ppl"] = math.exp(min(means[self.model.perplexity_term], 700.0))
@@ -110,7 +121,7 @@ class Pretraining:
 def build(spec: RunSpec[Config], grid: ProcessGrid) -> TrainingLoop:
     """One training rank's loop: the dropout streams seeded, the work built, a checkpoint restored if resuming."""
     cfg = spec.config
-    random.seed(cfg.train.seed, grid.tp.rank, device_of(cfg.hardware))
+    random.seed(cfg.train.seed, grid.tp.rank, device_of(cfg.hardware), stage=grid.pp.rank)
     work = Pretraining(cfg, grid)
     cadence = Cadence(
         iterations=cfg.train.iterations,
@@ -123,7 +134,8 @@ def build(spec: RunSpec[Config], grid: ProcessGrid) -> TrainingLoop:
     )
     loop = TrainingLoop(
         work, grid, optimizer=cfg.optimizer, hardware=cfg.hardware, cadence=cadence, run_dir=spec.run_dir,
-        wandb=spec.wandb if grid.rank == 0 else None, resume=cfg.resume,
+        wandb=spec.wandb if grid.rank == 0 else None, resume=cfg.resume, pipeline=work.layout,
+        schedule=cfg.parallel.schedule,
     )  # fmt: skip
     if grid.rank == 0:
         log.info(work.describe())

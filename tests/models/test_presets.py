@@ -72,6 +72,23 @@ def test_parameter_counts_follow_the_papers_formula_on_the_meta_device(name, rou
         assert paper == 8_317_034_496  # DESIGN.md's worked example
 
 
+@pytest.mark.parametrize(
+    "name, rounded, exact",
+    [
+        ("gpt_39b", "39.1", 39_096_041_472),
+        ("gpt_175b", "174.6", 174_615_846_912),
+        ("gpt_1t", "1008.0", 1_008_038_758_400),
+    ],
+)
+def test_the_2021_papers_presets_have_its_sizes(name, rounded, exact):
+    cfg = load_preset(name, vocab_size=51200)
+    assert cfg.seq_len == 2048
+    with torch.device("meta"):
+        count = sum(p.numel() for p in GPTModel(cfg).parameters())
+    assert count == exact and f"{count / 1e9:.1f}" == rounded  # the count the preset's comment states
+    assert f"{exact:,}" in (CONF / f"{name}.yaml").read_text()
+
+
 def test_gpt_8b_at_tp8_pads_the_gpt2_vocabulary_to_the_papers_51200():
     cfg = load_preset("gpt_8b")
     assert cfg.vocab_size == 50257

@@ -5,7 +5,14 @@ import itertools
 
 import pytest
 
-from megatron_exp.parallel.pipeline import Action, PipelineLayout, actions, bubble_fraction, forward_only
+from megatron_exp.parallel.pipeline import (
+    Action,
+    PipelineLayout,
+    actions,
+    bubble_fraction,
+    forward_only,
+    peak_in_flight,
+)
 
 
 def test_chunks_are_spread_over_the_stages_round_robin():
@@ -94,18 +101,11 @@ def test_every_schedule_runs_every_action_once_without_deadlock(p, v, m, schedul
     _messages_in_order(layout, evaluation)
 
 
-def _in_flight(order: list[Action]) -> int:
-    live = peak = 0
-    for a in order:
-        live += 1 if a.forward else -1
-        peak = max(peak, live)
-    return peak
-
-
 def test_in_flight_micro_batches_per_stage_are_the_papers():
     layout = PipelineLayout(stages=4, virtual=1, layers=8)
-    assert [_in_flight(actions(layout, "gpipe", 8, s)) for s in range(4)] == [8, 8, 8, 8]
-    assert [_in_flight(actions(layout, "1f1b", 8, s)) for s in range(4)] == [4, 3, 2, 1]  # p - stage
+    assert [peak_in_flight(layout, "gpipe", 8, s) for s in range(4)] == [8, 8, 8, 8]
+    assert [peak_in_flight(layout, "1f1b", 8, s) for s in range(4)] == [4, 3, 2, 1]  # p - stage
     interleaved = PipelineLayout(stages=2, virtual=2, layers=8)
-    assert [_in_flight(actions(interleaved, "interleaved", 4, s)) for s in range(2)] == [5, 3]  # warmup + 1
+    assert [peak_in_flight(interleaved, "interleaved", 4, s) for s in range(2)] == [5, 3]  # warmup + 1
+    assert peak_in_flight(PipelineLayout(layers=8), "1f1b", 8, 0) == 1  # no pipeline: one at a time
     assert bubble_fraction(4, 1, 8) == 3 / 8 and bubble_fraction(4, 2, 8) == 3 / 16

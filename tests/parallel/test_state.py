@@ -13,6 +13,15 @@ def test_tp_groups_are_adjacent_ranks_and_dp_groups_stride_across_them():
     assert state.grid_coordinates(5, tp=2, dp=4) == (0, 2, 1)
 
 
+def test_pp_groups_stride_across_tp_and_dp_and_the_embedding_group_joins_first_and_last_stage():
+    groups = state.group_members(world_size=8, tp=2, pp=2)
+    assert groups["tp"] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert groups["dp"] == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    assert groups["pp"] == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert state.group_members(world_size=8, tp=2, pp=4)["embedding"] == [[0, 6], [1, 7]]
+    assert state.group_members(world_size=4, tp=2)["embedding"] == []
+
+
 def test_serial_grid_is_current_without_initialize():
     grid = state.current()
     assert grid == state.SERIAL and grid.world_size == 1 and grid.rank == 0
@@ -47,3 +56,23 @@ def test_destroy_is_idempotent_and_resets_the_grid():
     state.destroy()
     state.destroy()
     assert state.current() == state.SERIAL
+
+
+def _check_a_pipeline_grid():
+    grid, rank = state.current(), dist.get_rank()
+    assert (grid.tp.size, grid.dp.size, grid.pp.size) == (1, 2, 2) and grid.rank == rank
+    assert (grid.dp.rank, grid.pp.rank) == (rank % 2, rank // 2)
+    for handle, members in ((grid.pp.handle, {0: 2, 1: 3, 2: 0, 3: 1}), (grid.embedding, {0: 2, 1: 3, 2: 0, 3: 1})):
+        x = torch.tensor([float(rank)])
+        dist.all_reduce(x, group=handle)
+        assert x.item() == rank + members[rank]
+    if grid.pp.rank == 0:  # the second direction of the pipeline is a group of its own
+        dist.send(torch.tensor([float(rank)]), group=grid.pp_backward, group_dst=1)
+    else:
+        y = torch.zeros(1)
+        dist.recv(y, group=grid.pp_backward, group_src=0)
+        assert y.item() == rank - 2
+
+
+def test_grid_of_four_ranks_with_dp2_pp2():
+    run_on_ranks(4, _check_a_pipeline_grid, tp=1, pp=2)

@@ -95,7 +95,7 @@ def test_batched_passages_score_bit_identically_to_one_at_a_time_on_the_real_tes
 
 
 def _evaluate(directory: Path, examples, out: Path | None, expected: dict | None):
-    model = common.load_model(directory, state.current().tp, torch.device("cpu"))
+    model = common.load_model(directory, state.current(), torch.device("cpu"))
     results = lambada.evaluate(model, TaskConfig(seq_len=32, batch_size=3), {"examples": examples})
     if out is not None:
         torch.save(results, out)

@@ -119,7 +119,7 @@ def _saved_checkpoint(path: Path) -> Path:
 
 
 def _evaluate_at_current_tp(directory: Path, expected: dict | None, out: Path | None):
-    model = common.load_model(directory, state.current().tp, torch.device("cpu"))
+    model = common.load_model(directory, state.current(), torch.device("cpu"))
     task = TaskConfig(seq_len=32, stride=8, batch_size=4)
     results = wikitext103.evaluate(model, task, {"tokens": TOKENS, "words": 150})
     if out is not None:

@@ -21,6 +21,7 @@ from megatron_exp.train import _newest_matching_checkpoint, _resolve_init_from, 
 from megatron_exp.training import checkpoint, trainer
 from megatron_exp.training.checkpoint import CheckpointError
 from tests.conftest import compose_config, training_spec
+from tests.distributed import run_on_ranks
 
 
 def make_config(cache, *overrides):
@@ -64,6 +65,24 @@ def test_a_resumed_run_equals_an_uninterrupted_one_bitwise(tmp_path, shared_cach
     resumed.resume = str(checkpoint.find_latest(tmp_path / "b"))
     losses = train_losses(resumed, tmp_path / "b")
     assert [losses[i] for i in (4, 5, 6)] == [uninterrupted[i] for i in (4, 5, 6)]  # exactly equal
+
+
+def _resume_matches_uninterrupted(tmp_path, cache, *layout):
+    uninterrupted = train_losses(make_config(cache, *layout), tmp_path / "a")
+    train_losses(make_config(cache, *layout, "train.iterations=3"), tmp_path / "b")
+    resumed = make_config(cache, *layout)
+    resumed.resume = str(checkpoint.find_latest(tmp_path / "b"))
+    losses = train_losses(resumed, tmp_path / "b")
+    if state.current().rank == 0:
+        assert [losses[i] for i in (4, 5, 6)] == [uninterrupted[i] for i in (4, 5, 6)]  # exactly equal
+
+
+@pytest.mark.slow
+def test_a_pipeline_resumes_bitwise(tmp_path, shared_cache):
+    # Dropout on: each stage restores its own RNG streams, weights and moments from its own shard.
+    run_on_ranks(2, _resume_matches_uninterrupted, tmp_path, shared_cache, "parallel.pp=2", tp=1, pp=2)
+    meta = checkpoint.read_meta(checkpoint.find_latest(tmp_path / "b"))
+    assert checkpoint.layout_of(meta) == (1, 2, 1) and meta["world_size"] == 2
 
 
 def _saved_run(tmp_path, cache):

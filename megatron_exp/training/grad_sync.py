@@ -1,0 +1,57 @@
+"""Gradients that ranks share, made whole after a step's backward passes.
+
+- Data parallelism: every DP replica computed gradients on its own share of the global batch; they are
+  averaged, in flattened buckets (one all-reduce each, not one per parameter).
+- Pipeline parallelism: the word embedding is used by the first stage (input) and the last (tied output layer);
+  each holds a copy, and the embedding group sums their gradients so the copies take the same step.
+
+The schedule runs all micro-batches first (a pipeline's last backward differs per stage), so the reduction comes
+after, not overlapped with, backward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from megatron_exp.parallel.state import ProcessGrid
+
+BUCKET_BYTES = 25 * 2**20
+
+
+def tied_embedding(model: nn.Module) -> nn.Parameter | None:
+    """The word embedding of a stage that holds it as a pipeline's first or last stage (None elsewhere)."""
+    embedding = getattr(model, "embedding", None)
+    return None if embedding is None else embedding.weight
+
+
+class GradientSync:
+    def __init__(self, model: nn.Module, grid: ProcessGrid):
+        self.grid = grid
+        self.parameters = [p for p in model.parameters() if p.requires_grad]
+        self.embedding = tied_embedding(model) if grid.pp.size > 1 else None
+
+    def __call__(self) -> None:
+        if self.grid.dp.size > 1:
+            for bucket in self._buckets():
+                flat = _flatten_dense_tensors(bucket)
+                dist.all_reduce(flat, group=self.grid.dp.handle)
+                flat /= self.grid.dp.size
+                for grad, reduced in zip(bucket, _unflatten_dense_tensors(flat, bucket), strict=True):
+                    grad.copy_(reduced)
+        if self.embedding is not None and self.embedding.grad is not None:
+            dist.all_reduce(self.embedding.grad, group=self.grid.embedding)
+
+    def _buckets(self) -> list[list[torch.Tensor]]:
+        buckets, current, size = [], [], 0
+        for p in self.parameters:
+            if p.grad is None:
+                continue
+            if current and (size + p.grad.nbytes > BUCKET_BYTES or p.grad.dtype != current[0].dtype):
+                buckets.append(current)
+                current, size = [], 0
+            current.append(p.grad)
+            size += p.grad.nbytes
+        return [*buckets, current] if current else buckets
