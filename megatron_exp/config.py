@@ -102,7 +102,11 @@ def from_composed(raw: DictConfig, schema: type[T]) -> T:
 
 def unknown_key(full_key: str, schema: type) -> str:
     """The one line for a key that `schema` (the section it was given for) does not have."""
-    section = full_key.rpartition(".")[0] or "the config"
+    section, _, name = full_key.rpartition(".")
+    if (schema, name) in RENAMED:
+        new_key = f"{section}.{RENAMED[schema, name]}" if section else RENAMED[schema, name]
+        return f"{full_key} was renamed {new_key}: set {new_key}=<value> instead"
+    section = section or "the config"
     names = ", ".join(f.name for f in dataclasses.fields(schema))
     return f"{full_key} is not a config key (a typo? '+' cannot add keys to a typed section): {section} has {names}"
 
@@ -321,7 +325,7 @@ class ConvertConfig(Schema):
     """python -m megatron_exp.convert: move a model between TP degrees and pipeline layouts, and to/from Hugging
     Face."""
 
-    # A run directory or checkpoint directory of this project, or hf:<directory or hub name> of a GPT-2 model
+    # A run or checkpoint directory of this project, a Hugging Face GPT-2 directory, or hf:<hub name or directory>
     source: str = "???"
     # megatron: TP shards loadable by the tasks (and by training as weights) | hf
     to: str = checked("megatron", choices=("megatron", "hf"))
@@ -340,9 +344,16 @@ class TaskConfig(Schema):
     text_field: str = "text"
     seq_len: int | None = checked(None, **POSITIVE)  # context per forward; None: model.seq_len
     stride: int = checked(32, **POSITIVE)  # WikiText: tokens scored per window after the first (overlapping)
+    # WikiText: paper (the reference detokenizer's rules, byte for byte: the paper's number) | none (the word-level
+    # text as it is, for a model trained on it)
+    detokenizer: str = checked("paper", choices=("paper", "none"))
     strict: bool = True  # LAMBADA: the whole last word must be predicted; false: only the last token
-    micro_batch: int = checked(8, **POSITIVE)  # sequences per forward
+    batch_size: int = checked(8, **POSITIVE)  # windows (WikiText) or passages (LAMBADA) per forward
     max_examples: int | None = checked(None, **POSITIVE)  # LAMBADA: evaluate only the first N (quick checks)
+
+
+# Keys that were renamed, by (section, old name): the old name is refused with a pointer to the new one.
+RENAMED: Mapping[tuple[type, str], str] = {(TaskConfig, "micro_batch"): "batch_size"}
 
 
 @dataclass

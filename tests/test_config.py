@@ -126,7 +126,7 @@ OUT_OF_RANGE = {
     TrainConfig: {"iterations": 0, "log_interval": 0, "eval_interval": -1, "eval_iters": 0, "seed": -1},
     CheckpointConfig: {"interval": -1, "keep": -1},
     ConvertConfig: {"tp": 0, "pp": 0, "virtual_stages": 0},
-    TaskConfig: {"seq_len": 0, "stride": 0, "micro_batch": 0, "max_examples": 0},
+    TaskConfig: {"seq_len": 0, "stride": 0, "batch_size": 0, "max_examples": 0},
     RaceTaskConfig: {"seq_len": 0, "max_qa_len": 0, "epochs": 0, "warmup_fraction": 1.5, "max_questions": 0},
     RaceConfig: {"seed": -1, "log_interval": 0},
 }  # fmt: skip

@@ -1,5 +1,6 @@
 """Resharding between TP degrees and GPT-2 import/export: logits agree to fp32 rounding through every path."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -7,15 +8,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_exp.config import ConfigError, ConvertConfig, ModelConfig
+from megatron_exp.config import ConfigError, ConvertConfig, EvalConfig, ModelConfig
 from megatron_exp.convert import convert
+from megatron_exp.data.tokenizer import train_bpe
 from megatron_exp.models.gpt import GPTModel
 from megatron_exp.parallel import state
 from megatron_exp.parallel.mappings import gather_last_dim
 from megatron_exp.parallel.sharding import shard_specs, split_state_dict
+from megatron_exp.tasks import common
 from megatron_exp.training import checkpoint
 from tests.distributed import run_on_ranks
+from tests.tasks.test_entry_points import PASSAGES, evaluate
 
+ROOT = Path(__file__).resolve().parents[1]
 CFG = ModelConfig(name="small", hidden=64, heads=8, layers=2, vocab_size=300, seq_len=32)
 TOKENS = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
 
@@ -74,7 +79,7 @@ def test_pipeline_layouts_convert_both_ways_and_keep_the_logits(tmp_path):
 
 
 def test_converting_a_run_without_checkpoints_is_a_clear_error(tmp_path):
-    with pytest.raises(ConfigError, match=r"holds no complete checkpoint"):
+    with pytest.raises(ConfigError, match=r"holds no complete checkpoint .* or source=hf:<hub name> for a hub model$"):
         convert(ConvertConfig(source=str(tmp_path), tp=2, output=str(tmp_path / "out")))
 
 
@@ -102,10 +107,63 @@ def test_the_entry_point_reshards(tmp_path):
     serial = GPTModel(CFG, seed=1)
     meta = {"tp": 1, "dp": 1, "model": vars(CFG)}
     checkpoint.save_all(tmp_path / "run", 0, [{"iteration": 0, "model": serial.state_dict()}], meta)
-    root = Path(__file__).resolve().parents[1]
     command = [sys.executable, "-m", "megatron_exp.convert", f"source={tmp_path / 'run'}", "tp=2"]
-    done = subprocess.run([*command, f"output={tmp_path / 'tp2'}"], cwd=root, capture_output=True, text=True)
+    done = subprocess.run([*command, f"output={tmp_path / 'tp2'}"], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
     directory = checkpoint.find_latest(tmp_path / "tp2")
     assert checkpoint.read_meta(directory)["world_size"] == 2
     assert checkpoint.load_rank(directory, 1)["model"]["embedding.weight"].shape == (256, 64)
+
+
+def test_a_hugging_face_directory_needs_no_hf_prefix(tmp_path):
+    transformers = pytest.importorskip("transformers", reason="the hf extra is not installed")
+    hf_config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=300, n_positions=32)
+    transformers.GPT2LMHeadModel(hf_config).save_pretrained(tmp_path / "hf")
+    convert(ConvertConfig(source=str(tmp_path / "hf"), tp=2, output=str(tmp_path / "ours")))
+    assert checkpoint.read_meta(checkpoint.find_latest(tmp_path / "ours"))["source"] == str(tmp_path / "hf")
+
+
+def _run_with_its_tokenizer(run_dir: Path):
+    """A run directory as training leaves it: a checkpoint and the tokenizer.json it trained with."""
+    serial = GPTModel(CFG, seed=4)
+    meta = {"tp": 1, "dp": 1, "model": vars(CFG)}
+    checkpoint.save_all(run_dir, 0, [{"iteration": 0, "model": serial.state_dict()}], meta)
+    tokenizer = train_bpe(PASSAGES * 20, CFG.vocab_size)
+    tokenizer.save(str(run_dir / "tokenizer.json"))
+    return tokenizer
+
+
+def test_the_tokenizer_travels_and_converted_weights_evaluate_without_tokenizer(tmp_path):
+    transformers = pytest.importorskip("transformers", reason="the hf extra is not installed")
+    tokenizer = _run_with_its_tokenizer(tmp_path / "run")
+    ids = tokenizer.encode(PASSAGES[0]).ids
+
+    resharded = convert(ConvertConfig(source=str(tmp_path / "run"), tp=2, output=str(tmp_path / "tp2")))
+    found = common.load_tokenizer(EvalConfig(checkpoint=str(tmp_path / "tp2")), resharded, CFG)
+    assert found.encode(PASSAGES[0]).ids == ids
+
+    convert(ConvertConfig(source=str(tmp_path / "run"), to="hf", output=str(tmp_path / "hf")))
+    fast = transformers.GPT2TokenizerFast.from_pretrained(tmp_path / "hf")  # as a transformers user loads it
+    assert fast(PASSAGES[0])["input_ids"] == ids and len(fast) == tokenizer.get_vocab_size()
+
+    convert(ConvertConfig(source=str(tmp_path / "hf"), tp=2, output=str(tmp_path / "back")))  # and back
+    source = tmp_path / "lambada.jsonl"
+    source.write_text("".join(json.dumps({"text": t}) + "\n" for t in PASSAGES))
+    done = evaluate("lambada", tmp_path / "eval", f"checkpoint={tmp_path / 'back'}", f"task.source={source}",
+                    "logger=none")  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr  # no tokenizer=: the one that travelled is found
+    assert json.loads((tmp_path / "eval" / "results.json").read_text())["examples"] == len(PASSAGES)
+
+
+def test_a_corrupt_shard_is_one_line_and_exit_2(tmp_path):
+    serial = GPTModel(CFG, seed=1)
+    shards = split_state_dict(serial.state_dict(), shard_specs(serial), 2)
+    meta = {"tp": 2, "dp": 1, "model": vars(CFG)}
+    directory = checkpoint.save_all(tmp_path / "run", 0, [{"iteration": 0, "model": s} for s in shards], meta)
+    shard = checkpoint.rank_file(directory, 1)
+    shard.write_bytes(shard.read_bytes()[:1000])  # cut short, as a full disk leaves it
+    command = [sys.executable, "-m", "megatron_exp.convert", f"source={tmp_path / 'run'}", "tp=1"]
+    done = subprocess.run([*command, f"output={tmp_path / 'out'}"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 2
+    output = (done.stdout + done.stderr).strip().splitlines()
+    assert len(output) == 1 and "error:" in output[0] and str(shard) in output[0] and "corrupt" in output[0], output

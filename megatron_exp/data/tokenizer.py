@@ -17,6 +17,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from megatron_exp.config import ConfigError, TokenizerConfig
 
 EOD = "<|endoftext|>"
+GPT2_VOCAB = 50257
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
 BERT_SPECIAL_TOKENS = (PAD, UNK, CLS, SEP, MASK)
 CONTINUATION = "##"
@@ -49,6 +50,17 @@ def gpt2_files(cfg: TokenizerConfig) -> tuple[Path, Path]:
 def gpt2(cfg: TokenizerConfig) -> Tokenizer:
     vocab, merges = gpt2_files(cfg)
     return _byte_level(Tokenizer(models.BPE.from_file(str(vocab), str(merges))))
+
+
+def kept_with(run_dir: Path, vocab_size: int) -> Tokenizer | None:
+    """The tokenizer a run (or a conversion) keeps as run_dir/tokenizer.json; else GPT-2's for a model of GPT-2's
+    vocabulary (a public GPT-2 comes without one); else None."""
+    kept = Path(run_dir) / "tokenizer.json"
+    if kept.is_file():
+        return Tokenizer.from_file(str(kept))
+    if vocab_size == GPT2_VOCAB:
+        return gpt2(TokenizerConfig(kind="gpt2", vocab_size=GPT2_VOCAB))
+    return None
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:

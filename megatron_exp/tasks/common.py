@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from tokenizers import Tokenizer
 
 from megatron_exp import entry, hardware
-from megatron_exp.config import ConfigError, EvalConfig, ModelConfig, RunSpec, TaskConfig, TokenizerConfig, check_ranges
+from megatron_exp.config import ConfigError, EvalConfig, ModelConfig, RunSpec, TaskConfig, check_ranges
 from megatron_exp.data import tokenizer as tokenizers
 from megatron_exp.hardware import device_of
 from megatron_exp.models.gpt import GPTModel
@@ -27,18 +27,14 @@ from megatron_exp.training.metrics import publish, wandb_settings
 
 log = logging.getLogger("megatron_exp.tasks")
 
-GPT2_VOCAB = 50257
-
 
 def load_tokenizer(cfg: EvalConfig, directory: Path, model: ModelConfig) -> Tokenizer:
-    """The tokenizer the model was trained with: given, kept in the run directory, or GPT-2's."""
+    """The tokenizer the model was trained with: given, kept in the run (or conversion) directory, or GPT-2's."""
     if cfg.tokenizer:
         return Tokenizer.from_file(str(Path(cfg.tokenizer).expanduser()))
-    beside = directory.parents[1] / "tokenizer.json"
-    if beside.is_file():
-        return Tokenizer.from_file(str(beside))
-    if model.vocab_size == GPT2_VOCAB:
-        return tokenizers.gpt2(TokenizerConfig(kind="gpt2", vocab_size=GPT2_VOCAB))
+    kept = tokenizers.kept_with(directory.parents[1], model.vocab_size)
+    if kept is not None:
+        return kept
     raise ConfigError(
         f"checkpoint={cfg.checkpoint}: no tokenizer.json in {directory.parents[1]} and the vocabulary "
         f"({model.vocab_size}) is not GPT-2's: set tokenizer=<path to the tokenizer.json it was trained with>"
@@ -62,7 +58,7 @@ def read_texts(task: TaskConfig) -> list[str]:
         raise ConfigError(f"task.source={task.source} is not a file: give a local file or hub:<dataset name>")
     if path.suffix in (".jsonl", ".json"):
         return [json.loads(line)[task.text_field] for line in path.read_text(encoding="utf-8").splitlines() if line]
-    return [path.read_text(encoding="utf-8")]
+    return [path.read_bytes().decode("utf-8")]  # whole, newlines untranslated, as the reference reads it
 
 
 def prepare(composed: EvalConfig, run_dir: str, joined: bool, build_inputs: Callable) -> RunSpec[EvalConfig]:

@@ -22,29 +22,39 @@ from megatron_exp.config import ConfigError, EvalConfig, TaskConfig
 from megatron_exp.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megatron_exp.tasks import common
 
-# The word-level file's tokenization, undone: (pattern, replacement), applied in order.
-_DETOKENIZE = [
-    (r"s '", "s'"),  # plural possessive
-    (r" @(.)@ ", r"\1"),  # number-internal separators: 1 @,@ 000 / 2 @.@ 5 / well @-@ known
-    (r" ([:;.!?,])", r"\1"),  # no space before punctuation
-    (r"\( *([^\)]*?) *\)", r"(\1)"),  # no space inside brackets
-    (r"\[ *([^\]]*?) *\]", r"[\1]"),
-    (r"\{ *([^\}]*?) *\}", r"{\1}"),
-    (r'" *([^"]*?) *"', r'"\1"'),  # nor inside quotes
-    (r"= = = =", "===="),  # section headings
-    (r"= = =", "==="),
-    (r"= =", "=="),
-    (r" \n", "\n"),
-    (r"\n ", "\n"),
-    (r" N ", " 1 "),  # the number placeholder
-    (r" 's", "'s"),
-]
+# The paper's WikiText-103 detokenizer, rule by rule (Megatron-LM tasks/zeroshot_gpt/detokenizer.py, last present at
+# commit 164204cd72): its 10.81 was computed on this text. Every rule is a plain left-to-right, non-overlapping
+# replacement over the whole file, applied in this order; that plainness is part of the protocol (" , , " loses
+# only its first space, an apostrophe pairs with the next one), so no rule is made smarter. The reference also has a
+# pattern with literal slashes ("/' [0-9]/") that matches nothing in WikiText; it is left out.
+_PAIRS = ("()", "[]", "{}", '""', "''")  # opener, closer: whitespace just inside each pair is dropped
+_PUNCTUATION = ":;.!?,"  # " X " becomes "X ", one mark after another
+
+
+def _tighten(text: str, opener: str, closer: str) -> str:
+    """From each opener to the next closer (across newlines, blind to nesting), no whitespace just inside."""
+    span = re.compile(f"{re.escape(opener)}([^{re.escape(closer)}]*){re.escape(closer)}")
+    return span.sub(lambda match: opener + match[1].strip() + closer, text)
 
 
 def detokenize(text: str) -> str:
-    for pattern, replacement in _DETOKENIZE:
-        text = re.sub(pattern, replacement, text)
-    return text
+    """The word-level file as the paper's detokenizer turns it into running text (byte for byte)."""
+    text = text.replace("s '", "s'")  # plural possessive: the players ' union
+    for separator in "-,.":  # inside words and numbers: well @-@ known, 1 @,@ 000, 2 @.@ 5
+        text = text.replace(f" @{separator}@ ", separator)
+    for mark in _PUNCTUATION:
+        text = text.replace(f" {mark} ", f"{mark} ")
+    for opener, closer in _PAIRS:
+        text = _tighten(text, opener, closer)
+    for width in (4, 3, 2):  # heading markers: = = Title = =
+        text = text.replace(" ".join("=" * width), "=" * width)
+    text = text.replace(" \u00b0 ", "\u00b0")  # 15 ° C
+    text = text.replace(" \n", "\n").replace("\n ", "\n")  # one space either side of a newline
+    text = text.replace(" N ", " 1 ")  # the number placeholder
+    return text.replace(" 's", "'s")
+
+
+DETOKENIZERS = {"paper": detokenize, "none": lambda text: text}
 
 
 def word_count(text: str) -> int:
@@ -69,38 +79,39 @@ def window_batch(tokens: list[int], spans, seq_len: int) -> tuple[torch.Tensor, 
     """Inputs and targets [n, seq_len] (short last windows padded) and the mask of scored targets."""
     inputs = torch.zeros(len(spans), seq_len, dtype=torch.long)
     targets = torch.zeros_like(inputs)
-    mask = torch.zeros(len(spans), seq_len)
+    mask = torch.zeros(len(spans), seq_len, dtype=torch.bool)
     for row, (start, end, first_scored) in enumerate(spans):
         piece = torch.tensor(tokens[start:end])
         n = len(piece) - 1
         inputs[row, :n], targets[row, :n] = piece[:-1], piece[1:]
-        target_index = torch.arange(start + 1, start + 1 + n)
-        mask[row, :n] = (target_index >= first_scored).float()
+        mask[row, :n] = torch.arange(start + 1, start + 1 + n) >= first_scored
     return inputs, targets, mask
 
 
 @torch.no_grad()
 def evaluate(model, task: TaskConfig, inputs: dict, autocast=nullcontext, progress=False) -> dict:
-    """Sum of token losses over every target, window batch by window batch (the same on every TP rank)."""
+    """The loss of every target, `task.batch_size` windows per forward (the same on every TP rank). A window has
+    the same tokens and width whatever shares its forward, and the losses are summed exactly (math.fsum, so in no
+    particular order): the batch size changes nothing this harness computes."""
     tokens, seq_len = inputs["tokens"], task.seq_len
     spans = windows(len(tokens), seq_len, task.stride)
     device = model.embedding.weight.device
-    total, scored = 0.0, 0
-    batches = range(0, len(spans), task.micro_batch)
+    scored_losses = []
+    batches = range(0, len(spans), task.batch_size)
     for first in tqdm(batches, desc="wikitext103", disable=not progress, mininterval=5):
-        x, y, mask = (t.to(device) for t in window_batch(tokens, spans[first : first + task.micro_batch], seq_len))
+        x, y, mask = (t.to(device) for t in window_batch(tokens, spans[first : first + task.batch_size], seq_len))
         with autocast():
             logits = model(x)
         losses = vocab_parallel_cross_entropy(logits, y, model.cfg.vocab_size, model.tp)
-        total += float((losses * mask).sum())
-        scored += int(mask.sum())
-    num_tokens, words = len(tokens), inputs["words"]
+        scored_losses.append(losses[mask].double().cpu())
+    scored = torch.cat(scored_losses)
+    total, num_tokens, words = math.fsum(scored.tolist()), len(tokens), inputs["words"]
     return {
         "tokens": num_tokens,
-        "scored_targets": scored,
+        "scored_targets": len(scored),
         "words": words,
-        "loss": total / scored,
-        "ppl": math.exp(total / scored),
+        "loss": total / len(scored),
+        "ppl": math.exp(total / len(scored)),
         "word_ppl": math.exp(total / (words - 1)),  # the paper's number
         "seq_len": seq_len,
         "stride": task.stride,
@@ -109,7 +120,8 @@ def evaluate(model, task: TaskConfig, inputs: dict, autocast=nullcontext, progre
 
 def build_inputs(cfg: EvalConfig, tokenizer) -> dict:
     text = "".join(common.read_texts(cfg.task))  # hub rows are lines that keep their newline
-    return {"tokens": tokenizer.encode(detokenize(text)).ids, "words": word_count(text)}
+    detokenized = DETOKENIZERS[cfg.task.detokenizer](text)
+    return {"tokens": tokenizer.encode(detokenized).ids, "words": word_count(text)}
 
 
 @entry.hydra_app("eval_wikitext103")

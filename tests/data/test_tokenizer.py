@@ -33,3 +33,11 @@ def test_missing_gpt2_files_name_the_key(tmp_path):
         tokenizer.gpt2(cfg)
     with pytest.raises(ConfigError, match=r"data.tokenizer.kind=word is unknown"):
         tokenizer.build(TokenizerConfig(kind="word"), [])
+
+
+def test_the_tokenizer_kept_with_a_run_else_gpt2s_for_its_vocabulary_else_none(tmp_path):
+    trained = tokenizer.train_bpe(["the quick brown fox jumps over the lazy dog"] * 50, vocab_size=400)
+    trained.save(str(tmp_path / "tokenizer.json"))
+    assert tokenizer.kept_with(tmp_path, 400).encode(TEXT).ids == trained.encode(TEXT).ids
+    assert tokenizer.kept_with(tmp_path / "elsewhere", 50257).encode("Hello world").ids == [15496, 995]
+    assert tokenizer.kept_with(tmp_path / "elsewhere", 400) is None

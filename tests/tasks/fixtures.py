@@ -1,4 +1,7 @@
-"""Models with known answers, for checking the evaluation arithmetic end to end."""
+"""Models with known answers, for checking the evaluation arithmetic end to end, and a tiny GPT-2-vocabulary model
+for checking batched scoring on the real test files."""
+
+import contextlib
 
 import torch
 from torch import nn
@@ -23,3 +26,16 @@ class NextTokenOracle(nn.Module):
         logits.scatter_(-1, ((tokens + self.shift) % vocab).unsqueeze(-1), 100.0)
         logits[..., vocab:] = 1000.0
         return logits
+
+
+@contextlib.contextmanager
+def single_threaded():
+    """One intra-op thread: multi-threaded CPU matmuls may split the inner dimension for small inputs only, which
+    would make a token's logits depend on how many sequences share the forward (in the last bit). One thread keeps
+    the model's kernels batch-invariant, so a comparison of batch sizes tests the harness alone."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

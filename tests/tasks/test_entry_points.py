@@ -55,7 +55,8 @@ def test_lambada_entry_point(tmp_path, trained):
     assert done.returncode == 0, done.stdout + done.stderr
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert results["examples"] == 2 and 0.0 <= results["accuracy"] <= 1.0 and results["strict"] is True
-    assert results["ppl"] == pytest.approx(math.exp(results["loss"]))
+    assert results["ppl_per_token"] == pytest.approx(math.exp(results["loss_per_token"]))
+    assert results["ppl_per_passage"] == pytest.approx(math.exp(results["loss_per_passage"]))
     assert list((tmp_path / "eval" / "wandb").glob("offline-run-*/run-*.wandb"))
 
 
@@ -64,3 +65,10 @@ def test_a_checkpoint_that_does_not_exist_is_a_one_line_error(tmp_path):
     assert done.returncode == 2
     errors = [line for line in (done.stdout + done.stderr).splitlines() if "error:" in line]
     assert len(errors) == 1 and "checkpoint=" in errors[0] and "holds no complete checkpoint" in errors[0]
+
+
+def test_the_old_batch_key_is_a_one_line_error_naming_the_new_one(tmp_path):
+    done = evaluate("wikitext103", tmp_path / "eval", "checkpoint=x", "task.micro_batch=4")
+    assert done.returncode == 2
+    errors = [line for line in (done.stdout + done.stderr).splitlines() if "error:" in line]
+    assert errors == ["error: task.micro_batch was renamed task.batch_size: set task.batch_size=<value> instead"]

@@ -1,4 +1,5 @@
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from megatron_exp.parallel import state
 from megatron_exp.tasks import common, lambada
 from megatron_exp.training import checkpoint
 from tests.distributed import run_on_ranks
-from tests.tasks.fixtures import NextTokenOracle
+from tests.tasks.fixtures import NextTokenOracle, single_threaded
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 GPT2 = gpt2(TokenizerConfig(kind="gpt2"))
@@ -48,33 +49,59 @@ def test_the_real_test_set_loads_with_hand_checked_targets():
     assert GPT2.decode(examples[1][0]).endswith('"I can make it there on my own,')  # quote and comma kept
 
 
+def test_only_examples_of_one_row_length_share_a_forward():
+    examples = [([1] * n, [2]) for n in (4, 2, 4, 4, 2, 39)]  # row lengths 5, 3, 5, 5, 3 and 40 (cut to 33)
+    assert lambada.batches(examples, seq_len=32, batch_size=2) == [[1, 4], [0, 2], [3], [5]]
+
+
 def test_batches_mask_exactly_the_target_positions_and_truncate_old_context():
-    examples = [([1, 2, 3, 4, 5], [6, 7]), ([8], [9])]
+    examples = [([1, 2, 3, 4, 5], [6, 7]), ([8, 9, 10], [11, 12, 13, 14])]  # rows of 7, cut to seq_len + 1 = 5
     inputs, targets, mask = lambada.example_batch(examples, seq_len=4)
-    assert inputs.tolist() == [[3, 4, 5, 6], [8, 0, 0, 0]]  # the oldest context tokens dropped to fit
-    assert targets[mask].tolist() == [6, 7, 9]
-    assert mask.tolist() == [[False, False, True, True], [True, False, False, False]]
+    assert inputs.tolist() == [[3, 4, 5, 6], [10, 11, 12, 13]]  # the oldest context tokens dropped to fit
+    assert targets[mask].tolist() == [6, 7, 11, 12, 13, 14]
+    assert mask.tolist() == [[False, False, True, True], [True, True, True, True]]
 
 
-def test_a_model_that_always_predicts_the_target_scores_100_percent_and_perplexity_one():
-    examples = [(list(range(s, s + 10)), list(range(s + 10, s + 10 + n))) for s, n in [(0, 1), (50, 3), (295, 4)]]
-    examples = [([t % 300 for t in c], [t % 300 for t in w]) for c, w in examples]
-    task = TaskConfig(seq_len=32, micro_batch=2)
-    perfect = lambada.evaluate(NextTokenOracle(300), task, {"examples": examples})
-    assert perfect["accuracy"] == 1.0 and perfect["ppl"] == pytest.approx(1.0, abs=1e-9)
-    assert perfect["target_tokens"] == 8
-    wrong = lambada.evaluate(NextTokenOracle(300, shift=2), task, {"examples": examples})
-    assert wrong["accuracy"] == 0.0 and wrong["loss"] == pytest.approx(100.0, rel=1e-4)
+def test_an_oracle_gives_hand_computed_accuracy_and_perplexities_per_token_and_per_passage():
+    """The oracle predicts token + 1 with certainty: a target token that follows that rule costs 0 nats, any other
+    costs exactly 100 (its logit 0 against the prediction's 100)."""
+    examples = [
+        (list(range(0, 10)), [10]),  # right: 0
+        (list(range(20, 30)), [30, 32, 33]),  # 0 + 100 + 0 = 100
+        (list(range(40, 50)), [7, 7]),  # 100 + 100 = 200
+        ([295, 296, 297, 298, 299, 0, 1, 2, 3, 4], [5, 6, 7, 8]),  # right, across the vocabulary's end: 0
+    ]
+    results = lambada.evaluate(NextTokenOracle(300), TaskConfig(seq_len=32, batch_size=2), {"examples": examples})
+    assert results["accuracy"] == 0.5 and results["examples"] == 4 and results["target_tokens"] == 10
+    assert results["loss_per_token"] == pytest.approx(300 / 10) and results["ppl_per_token"] == pytest.approx(
+        math.exp(30)
+    )
+    assert results["loss_per_passage"] == pytest.approx(300 / 4)  # lm-eval: exp(-mean passage log-likelihood)
+    assert results["ppl_per_passage"] == pytest.approx(math.exp(75))
+
+
+@pytest.mark.skipif(not (SHARED / "lambada_test.jsonl").is_file(), reason="../shared/data is not present")
+def test_batched_passages_score_bit_identically_to_one_at_a_time_on_the_real_test_set():
+    texts = common.read_texts(TaskConfig(source=str(SHARED / "lambada_test.jsonl")))[:150]  # a prefix: GPT-2's
+    # vocabulary makes every forward cost 50K logits a position
+    examples = lambada.encode(texts, GPT2, strict=True)
+    model = GPTModel(ModelConfig(hidden=64, heads=4, layers=2, seq_len=128), seed=0).eval()  # GPT-2's vocabulary
+    with single_threaded():
+        one, batched = (
+            lambada.evaluate(model, TaskConfig(seq_len=128, batch_size=size), {"examples": examples}) for size in (1, 6)
+        )
+    assert one["examples"] == 150 and len(lambada.batches(examples, 128, 6)) < 150 / 2  # passages share forwards
+    assert batched == one  # exactly: accuracy and both perplexities to the last bit
 
 
 def _evaluate(directory: Path, examples, out: Path | None, expected: dict | None):
     model = common.load_model(directory, state.current(), torch.device("cpu"))
-    results = lambada.evaluate(model, TaskConfig(seq_len=32, micro_batch=3), {"examples": examples})
+    results = lambada.evaluate(model, TaskConfig(seq_len=32, batch_size=3), {"examples": examples})
     if out is not None:
         torch.save(results, out)
     if expected is not None:
         assert results["accuracy"] == expected["accuracy"]
-        assert results["loss"] == pytest.approx(expected["loss"], rel=1e-5)
+        assert results["loss_per_token"] == pytest.approx(expected["loss_per_token"], rel=1e-5)
 
 
 def test_tp2_evaluation_equals_tp1(tmp_path):
