@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 
 from megatron_exp import entry, preflight
 from megatron_exp.config import Config
-from megatron_exp.parallel.pipeline import PipelineLayout, bubble_fraction, peak_in_flight
+from megatron_exp.parallel.pipeline import bubble_fraction, peak_in_flight
 from megatron_exp.parallel.sharding import padded_vocab_size
 from megatron_exp.training.flops import hardware_flops, model_flops
 
@@ -51,15 +51,6 @@ def layer_activation_bytes(cfg: Config) -> float:
     return kept
 
 
-def layout(cfg: Config) -> PipelineLayout:
-    return PipelineLayout(cfg.parallel.pp, cfg.parallel.virtual_stages, cfg.model.layers)
-
-
-def micro_batches(cfg: Config) -> int:
-    par = cfg.parallel
-    return par.global_batch // (par.micro_batch * par.dp)
-
-
 def activation_bytes(cfg: Config, recompute: bool, peak: bool = True, stage: int = 0) -> float:
     """Activation memory of pipeline stage `stage` (the whole model without a pipeline): what its chunks keep for
     the micro-batches in flight at once under the schedule (one without a pipeline), the embeddings' and the
@@ -67,8 +58,9 @@ def activation_bytes(cfg: Config, recompute: bool, peak: bool = True, stage: int
     checkpointing."""
     b, s, h, _, tp = _sizes(cfg)
     element = 4 if cfg.hardware.precision in ("fp32", "auto") else 2
-    part = layout(cfg).part(stage)
-    in_flight = peak_in_flight(layout(cfg), cfg.parallel.schedule, micro_batches(cfg), stage)
+    layout = preflight.pipeline_layout(cfg)
+    part = layout.part(stage)
+    in_flight = peak_in_flight(layout, cfg.parallel.schedule, preflight.micro_batches(cfg), stage)
     layers = in_flight * len(part.layers) / len(part.chunks)  # chunk activations in flight x layers per chunk
     outside = 0.0
     if part.head:  # the final layernorm's input and output, the loss's softmax
@@ -120,7 +112,7 @@ def estimate(cfg: Config) -> dict:
         "device_memory_gb": memory,
         "fits": None if memory is None else (states + used) / 1e9 <= memory,
         "largest_stage": stage,
-        "pipeline_bubble": bubble_fraction(par.pp, par.virtual_stages, micro_batches(cfg)),
+        "pipeline_bubble": bubble_fraction(par.pp, par.virtual_stages, preflight.micro_batches(cfg)),
         "model_flops_per_iteration": model_flops(par.global_batch, seq, m.layers, m.hidden, vocab),
         "executed_flops_per_iteration": hardware_flops(
             par.global_batch, seq, m.layers, m.hidden, vocab, par.activation_checkpointing

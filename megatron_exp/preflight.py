@@ -50,11 +50,21 @@ def resolve(composed: Config, world_size: int | None = None, measure_peak: bool 
     return cfg
 
 
+def pipeline_layout(cfg: Config) -> PipelineLayout:
+    return PipelineLayout(cfg.parallel.pp, cfg.parallel.virtual_stages, cfg.model.layers)
+
+
+def micro_batches(cfg: Config) -> int:
+    """Micro-batches per step on each DP replica (what a pipeline schedule runs over)."""
+    par = cfg.parallel
+    return par.global_batch // (par.micro_batch * par.dp)
+
+
 def parameter_counts(cfg: Config) -> tuple[int, int]:
     """(parameters on the largest rank: the TP shard of the largest pipeline stage, parameters of the whole
     model), counted on the meta device."""
     par = cfg.parallel
-    layout = PipelineLayout(par.pp, par.virtual_stages, cfg.model.layers)
+    layout = pipeline_layout(cfg)
     largest, total = 0, 0
     for stage in range(par.pp):
         with torch.device("meta"), state.use(state.virtual(par.tp, pp=par.pp, pp_rank=stage)):
@@ -109,8 +119,7 @@ def check_pipeline(cfg: Config) -> None:
     if par.pp == 1 and (par.virtual_stages > 1 or par.schedule == "interleaved"):
         key = f"parallel.virtual_stages={par.virtual_stages}" if par.virtual_stages > 1 else "parallel.schedule"
         raise ConfigError(f"{key} interleaves pipeline stages, but parallel.pp=1: set parallel.pp > 1")
-    micro_batches = par.global_batch // (par.micro_batch * par.dp)
-    problem = PipelineLayout(par.pp, par.virtual_stages, cfg.model.layers).validate(micro_batches, par.schedule)
+    problem = pipeline_layout(cfg).validate(micro_batches(cfg), par.schedule)
     if problem:
         raise ConfigError(problem)
 

@@ -112,7 +112,6 @@ class TrainingLoop:
         self.optimizer = build_optimizer(self.model, optimizer)
         self.scaler = DynamicLossScaler(self.device) if hardware.precision == "fp16" else None
         scale, cast = (self.scaler.scale if self.scaler else None), autocast(hardware.precision, self.device)
-        self.schedule_name = schedule
         if pipeline is not None and pipeline.stages > 1:
             self.schedule = Pipeline(self.model, grid, pipeline, schedule, cast, scale)
         else:
