@@ -78,13 +78,19 @@ class PipelineLayout:
     def part(self, stage: int) -> ModelPart:
         return ModelPart({c: self.chunk_layers(c) for c in self.chunks_of(stage)}, self.chunks)
 
-    def validate(self, micro_batches: int, schedule: str) -> str | None:
-        """Why this layout cannot run `schedule` over `micro_batches`, or None."""
+    def split_problem(self) -> str | None:
+        """Why the layers cannot be cut into this layout's chunks, or None."""
         if self.layers % self.chunks:
             return (
                 f"model.layers={self.layers} is not divisible by parallel.pp x parallel.virtual_stages = "
                 f"{self.stages} x {self.virtual}: each chunk needs the same number of layers"
             )
+        return None
+
+    def validate(self, micro_batches: int, schedule: str) -> str | None:
+        """Why this layout cannot run `schedule` over `micro_batches`, or None."""
+        if self.split_problem():
+            return self.split_problem()
         if self.virtual > 1 and schedule != "interleaved":
             return f"parallel.virtual_stages={self.virtual} needs parallel.schedule=interleaved"
         if schedule == "interleaved" and self.stages > 1 and micro_batches % self.stages:

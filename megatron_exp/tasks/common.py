@@ -1,8 +1,10 @@
-"""What the evaluation entry points share: find the checkpoint and its tokenizer, read the task's text, start TP
-workers that load the model at the requested degree, and report (results.json, a table, a W&B eval run)."""
+"""What the evaluation entry points share: find the checkpoint and its tokenizer, read the task's text, start
+workers that load the model at the requested TP x PP layout, score tokens on them, and report (results.json, a
+table, a W&B eval run)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import json
@@ -12,18 +14,30 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from datasets import load_dataset
 from omegaconf import DictConfig
 from tokenizers import Tokenizer
 
 from megatron_exp import entry, hardware
-from megatron_exp.config import ConfigError, EvalConfig, ModelConfig, RunSpec, TaskConfig, check_ranges
+from megatron_exp.config import (
+    ConfigError,
+    EvalConfig,
+    ModelConfig,
+    ParallelConfig,
+    RunSpec,
+    TaskConfig,
+    check_ranges,
+)
 from megatron_exp.data import tokenizer as tokenizers
 from megatron_exp.hardware import device_of
+from megatron_exp.models.contract import Batch
 from megatron_exp.models.gpt import GPTModel
 from megatron_exp.parallel import state
+from megatron_exp.parallel.pipeline import PipelineLayout
 from megatron_exp.training import checkpoint
 from megatron_exp.training.metrics import publish, wandb_settings
+from megatron_exp.training.schedule import Pipeline
 
 log = logging.getLogger("megatron_exp.tasks")
 
@@ -74,36 +88,77 @@ def prepare(composed: EvalConfig, run_dir: str, joined: bool, build_inputs: Call
             "(BERT checkpoints are fine-tuned with python -m megatron_exp.tasks.race)"
         )
     model.validate(cfg.parallel.tp)
-    if cfg.parallel.pp != 1:
-        raise ConfigError(
-            f"parallel.pp={cfg.parallel.pp}: evaluations run on TP ranks only (a checkpoint of any pipeline layout "
-            "loads); use parallel.pp=1"
-        )
+    problem = PipelineLayout(cfg.parallel.pp, cfg.parallel.virtual_stages, model.layers).split_problem()
+    if problem:
+        raise ConfigError(problem)
     cfg.parallel.dp = 1
     if cfg.task.seq_len is None:
         cfg.task.seq_len = model.seq_len
     if cfg.task.seq_len > model.seq_len:
         raise ConfigError(f"task.seq_len={cfg.task.seq_len} exceeds the model's {model.seq_len} positions")
-    cfg.hardware = hardware.resolve(cfg.hardware, cfg.parallel.tp, measure_peak=False)
+    workers = cfg.parallel.tp * cfg.parallel.pp
+    cfg.hardware = hardware.resolve(cfg.hardware, workers, measure_peak=False)
     inputs = build_inputs(cfg, load_tokenizer(cfg, directory, model))
     training_run = directory.parents[1].name
     name, group = f"{cfg.task.name}-{training_run}", training_run
     wandb = wandb_settings(cfg.logger, run_dir, asdict(cfg), name=name, group=group)
-    return RunSpec(cfg, run_dir, cfg.parallel.tp, joined, wandb, {"checkpoint": str(directory), **inputs})
+    return RunSpec(cfg, run_dir, workers, joined, wandb, {"checkpoint": str(directory), **inputs})
+
+
+class TokenScores:
+    """-log p(target) and the greedy prediction at every position of a batch, the same on every rank. The logits
+    exist only as vocabulary slices across TP, on the last pipeline stage: there they are reduced to these two
+    [batch, seq] tensors (vocab-parallel, never gathered) and broadcast over the pipeline group."""
+
+    def __init__(self, model: GPTModel, autocast: Callable = contextlib.nullcontext, pipeline: Pipeline | None = None):
+        self.model, self.autocast, self.pipeline = model, autocast, pipeline
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def __call__(self, tokens: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.pipeline is None:
+            with torch.no_grad(), self.autocast():
+                logits = self.model(tokens)
+            return self.model.token_losses(logits, targets).float(), self.model.predictions(logits)
+        logits = self.pipeline.outputs(Batch({"tokens": tokens}, {}))
+        if logits is None:  # not the last stage: receive what it computes
+            losses = torch.empty(targets.shape, dtype=torch.float32, device=self.device)
+            predictions = torch.empty(targets.shape, dtype=torch.long, device=self.device)
+        else:
+            losses, predictions = self.model.token_losses(logits, targets).float(), self.model.predictions(logits)
+        pp = self.pipeline.grid.pp
+        for tensor in (losses, predictions):
+            dist.broadcast(tensor, group=pp.handle, group_src=pp.size - 1)
+        return losses, predictions
+
+
+def token_scores(
+    directory: Path, grid: state.ProcessGrid, device: torch.device, parallel: ParallelConfig, autocast: Callable
+) -> TokenScores:
+    """The checkpoint's model at this rank's place in the TP x PP grid (any layout it was saved at), as scores."""
+    model = load_model(directory, grid, device, parallel.virtual_stages)
+    pipeline = None
+    if grid.pp.size > 1:
+        layout = PipelineLayout(grid.pp.size, parallel.virtual_stages, model.cfg.layers)
+        pipeline = Pipeline(model, grid, layout, parallel.schedule, autocast)
+    return TokenScores(model, autocast, pipeline)
 
 
 def evaluate_rank(evaluate: Callable, spec: RunSpec[EvalConfig], grid: state.ProcessGrid) -> dict:
-    """One evaluation rank: the model at this TP degree, then `evaluate(model, task, inputs, autocast, progress)`."""
-    cfg = spec.config
-    model = load_model(Path(spec.inputs["checkpoint"]), grid, device_of(cfg.hardware))
-    autocast = hardware.autocast(cfg.hardware.precision, model.device)
-    return evaluate(model, cfg.task, spec.inputs, autocast, progress=grid.rank == 0)
+    """One evaluation rank: `evaluate(scores, task, inputs, progress)` with this rank's part of the model."""
+    cfg, device = spec.config, device_of(spec.config.hardware)
+    autocast = hardware.autocast(cfg.hardware.precision, device)
+    scores = token_scores(Path(spec.inputs["checkpoint"]), grid, device, cfg.parallel, autocast)
+    return evaluate(scores, cfg.task, spec.inputs, progress=grid.rank == 0)
 
 
 def report(spec: RunSpec[EvalConfig], results: dict) -> dict:
     """results.json, a printed table and a W&B eval run grouped with the training run."""
     cfg = spec.config
-    results = {"task": cfg.task.name, **results, "checkpoint": spec.inputs["checkpoint"], "tp": cfg.parallel.tp}
+    par = cfg.parallel
+    results = {"task": cfg.task.name, **results, "checkpoint": spec.inputs["checkpoint"], "tp": par.tp, "pp": par.pp}
     width = max(map(len, results))
     table = "\n".join(f"  {key:<{width}}  {value:.6g}" if isinstance(value, float) else f"  {key:<{width}}  {value}"
                       for key, value in results.items())  # fmt: skip
@@ -113,17 +168,18 @@ def report(spec: RunSpec[EvalConfig], results: dict) -> dict:
 
 
 def main(raw: DictConfig, build_inputs: Callable, evaluate: Callable) -> dict | None:
-    """The body of an evaluation entry point: its inputs from `build_inputs(cfg, tokenizer)`, scored on every TP
-    rank by `evaluate(model, task, inputs, autocast, progress)`."""
+    """The body of an evaluation entry point: its inputs from `build_inputs(cfg, tokenizer)`, scored on every
+    rank by `evaluate(scores, task, inputs, progress)`."""
     prepare_task = functools.partial(prepare, build_inputs=build_inputs)
     return entry.run(raw, EvalConfig, prepare_task, functools.partial(evaluate_rank, evaluate), report)
 
 
-def load_model(directory: Path, grid: state.ProcessGrid, device: torch.device) -> GPTModel:
-    """The checkpoint's model as this TP rank's shard, in eval mode (dropout off)."""
+def load_model(directory: Path, grid: state.ProcessGrid, device: torch.device, virtual_stages: int = 1) -> GPTModel:
+    """The checkpoint's model as this rank's TP shard of its pipeline stage, in eval mode (dropout off)."""
     cfg = checkpoint.model_config_of(directory)
+    part = PipelineLayout(grid.pp.size, virtual_stages, cfg.layers).part(grid.pp.rank)
     with torch.device(device):
-        model = GPTModel(cfg, grid.tp)
+        model = GPTModel(cfg, grid.tp, part=part)
     weights = checkpoint.load_model_state(directory, model, grid)
     checkpoint.load_into(model, weights, directory, "model")
     return model.eval()

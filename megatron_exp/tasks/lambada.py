@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from contextlib import nullcontext
 
 import torch
 from omegaconf import DictConfig
@@ -21,7 +20,6 @@ from tqdm.auto import tqdm
 
 from megatron_exp import entry
 from megatron_exp.config import EvalConfig, TaskConfig
-from megatron_exp.parallel.cross_entropy import vocab_parallel_argmax, vocab_parallel_cross_entropy
 from megatron_exp.tasks import common
 
 
@@ -68,20 +66,17 @@ def example_batch(examples, seq_len: int) -> tuple[torch.Tensor, torch.Tensor, t
 
 
 @torch.no_grad()
-def evaluate(model, task: TaskConfig, inputs: dict, autocast=nullcontext, progress=False) -> dict:
+def evaluate(scores: common.TokenScores, task: TaskConfig, inputs: dict, progress=False) -> dict:
     """Accuracy and the targets' perplexity per token and per passage, `task.batch_size` passages per forward.
     Each passage is read as it would be alone and the losses are summed exactly (math.fsum, so in no particular
     order): the batch size changes nothing this harness computes."""
     examples = inputs["examples"]
-    device = model.embedding.weight.device
     correct, token_losses, passage_losses = 0, [], []
     for indices in tqdm(batches(examples, task.seq_len, task.batch_size), desc="lambada", disable=not progress,
                         mininterval=5):  # fmt: skip
-        x, y, mask = (t.to(device) for t in example_batch([examples[i] for i in indices], task.seq_len))
-        with autocast():
-            logits = model(x)
-        losses = vocab_parallel_cross_entropy(logits, y, model.cfg.vocab_size, model.tp).double().cpu()
-        hits = vocab_parallel_argmax(logits, model.cfg.vocab_size, model.tp) == y
+        x, y, mask = (t.to(scores.device) for t in example_batch([examples[i] for i in indices], task.seq_len))
+        losses, predictions = scores(x, y)
+        losses, hits = losses.double().cpu(), (predictions == y).cpu()
         correct += int((hits | ~mask).all(dim=1).sum())  # every target token right
         for row_losses, row_mask in zip(losses, mask.cpu(), strict=True):
             target = row_losses[row_mask].tolist()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import re
-from contextlib import nullcontext
 
 import torch
 from omegaconf import DictConfig
@@ -19,7 +18,6 @@ from tqdm.auto import tqdm
 
 from megatron_exp import entry
 from megatron_exp.config import ConfigError, EvalConfig, TaskConfig
-from megatron_exp.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megatron_exp.tasks import common
 
 # The paper's WikiText-103 detokenizer, rule by rule (Megatron-LM tasks/zeroshot_gpt/detokenizer.py, last present at
@@ -89,20 +87,18 @@ def window_batch(tokens: list[int], spans, seq_len: int) -> tuple[torch.Tensor, 
 
 
 @torch.no_grad()
-def evaluate(model, task: TaskConfig, inputs: dict, autocast=nullcontext, progress=False) -> dict:
+def evaluate(scores: common.TokenScores, task: TaskConfig, inputs: dict, progress=False) -> dict:
     """The loss of every target, `task.batch_size` windows per forward (the same on every TP rank). A window has
     the same tokens and width whatever shares its forward, and the losses are summed exactly (math.fsum, so in no
     particular order): the batch size changes nothing this harness computes."""
     tokens, seq_len = inputs["tokens"], task.seq_len
     spans = windows(len(tokens), seq_len, task.stride)
-    device = model.embedding.weight.device
     scored_losses = []
     batches = range(0, len(spans), task.batch_size)
     for first in tqdm(batches, desc="wikitext103", disable=not progress, mininterval=5):
-        x, y, mask = (t.to(device) for t in window_batch(tokens, spans[first : first + task.batch_size], seq_len))
-        with autocast():
-            logits = model(x)
-        losses = vocab_parallel_cross_entropy(logits, y, model.cfg.vocab_size, model.tp)
+        batch = window_batch(tokens, spans[first : first + task.batch_size], seq_len)
+        x, y, mask = (t.to(scores.device) for t in batch)
+        losses, _ = scores(x, y)
         scored_losses.append(losses[mask].double().cpu())
     scored = torch.cat(scored_losses)
     total, num_tokens, words = math.fsum(scored.tolist()), len(tokens), inputs["words"]

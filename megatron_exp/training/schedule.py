@@ -158,6 +158,18 @@ class Pipeline:
         self.model.train()
         return self._or_zeros(sums)
 
+    @torch.no_grad()
+    def outputs(self, batch: Batch) -> object | None:
+        """One batch forward through the pipeline: the last chunk's output (e.g. the logits) on the last stage,
+        None on the others. For evaluations that need more than the loss terms."""
+        last_output = None
+        for action in forward_only(self.layout, 1, self.stage):
+            _, output = self._forward(action, batch.to(self.model.device))
+            if action.chunk == self.last:
+                last_output = output
+        self._finish_sends()
+        return last_output
+
     def _finish_sends(self) -> None:
         for work, _ in self.pending:
             work.wait()

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from megatron_exp.config import ModelConfig
+from megatron_exp.parallel.cross_entropy import vocab_parallel_argmax, vocab_parallel_cross_entropy
 from megatron_exp.parallel.sharding import padded_vocab_size
 from megatron_exp.parallel.state import Group
 
@@ -18,7 +19,7 @@ class NextTokenOracle(nn.Module):
     def __init__(self, vocab_size: int, shift: int = 1):
         super().__init__()
         self.cfg, self.tp, self.shift = ModelConfig(vocab_size=vocab_size), Group(), shift
-        self.embedding = nn.Embedding(1, 1)  # where evaluations look up the device
+        self.device = torch.device("cpu")
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         vocab = self.cfg.vocab_size
@@ -26,6 +27,12 @@ class NextTokenOracle(nn.Module):
         logits.scatter_(-1, ((tokens + self.shift) % vocab).unsqueeze(-1), 100.0)
         logits[..., vocab:] = 1000.0
         return logits
+
+    def token_losses(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return vocab_parallel_cross_entropy(logits, targets, self.cfg.vocab_size, self.tp)
+
+    def predictions(self, logits: torch.Tensor) -> torch.Tensor:
+        return vocab_parallel_argmax(logits, self.cfg.vocab_size, self.tp)
 
 
 @contextlib.contextmanager

@@ -33,19 +33,24 @@ def trained(tmp_path_factory, shared_cache):
     return run_dir
 
 
-@pytest.mark.parametrize("tp", [1, 2])
-def test_wikitext103_entry_point(tmp_path, trained, tp):
+def test_wikitext103_entry_point_gives_the_same_numbers_at_every_layout(tmp_path, trained):
     source = tmp_path / "wiki.test.tokens"
     source.write_text(WIKI)
-    done = evaluate("wikitext103", tmp_path / "eval", f"checkpoint={trained}", f"task.source={source}",
-                    "task.seq_len=64", "task.stride=16", f"parallel.tp={tp}")  # fmt: skip
-    assert done.returncode == 0, done.stdout + done.stderr
-    results = json.loads((tmp_path / "eval" / "results.json").read_text())
-    assert results["words"] == len(WIKI.strip().split(" ")) and results["scored_targets"] == results["tokens"] - 1
-    assert results["ppl"] == pytest.approx(math.exp(results["loss"]))
-    assert math.isfinite(results["word_ppl"]) and results["tp"] == tp
-    assert list((tmp_path / "eval" / "wandb").glob("offline-run-*/run-*.wandb"))  # a W&B eval run
-    assert "word_ppl" in done.stdout + done.stderr  # the printed table
+    losses = {}
+    for tp, pp in [(1, 1), (2, 1), (1, 2)]:
+        out = tmp_path / f"eval_tp{tp}_pp{pp}"
+        done = evaluate("wikitext103", out, f"checkpoint={trained}", f"task.source={source}", "task.seq_len=64",
+                        "task.stride=16", f"parallel.tp={tp}", f"parallel.pp={pp}")  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        results = json.loads((out / "results.json").read_text())
+        assert results["words"] == len(WIKI.strip().split(" ")) and results["scored_targets"] == results["tokens"] - 1
+        assert results["ppl"] == pytest.approx(math.exp(results["loss"]))
+        assert math.isfinite(results["word_ppl"]) and (results["tp"], results["pp"]) == (tp, pp)
+        assert list((out / "wandb").glob("offline-run-*/run-*.wandb"))  # a W&B eval run
+        assert "word_ppl" in done.stdout + done.stderr  # the printed table
+        losses[tp, pp] = results["loss"]
+    assert losses[2, 1] == pytest.approx(losses[1, 1], rel=1e-5)
+    assert losses[1, 2] == pytest.approx(losses[1, 1], rel=1e-5)
 
 
 def test_lambada_entry_point(tmp_path, trained):

@@ -71,7 +71,9 @@ def test_an_oracle_gives_hand_computed_accuracy_and_perplexities_per_token_and_p
         (list(range(40, 50)), [7, 7]),  # 100 + 100 = 200
         ([295, 296, 297, 298, 299, 0, 1, 2, 3, 4], [5, 6, 7, 8]),  # right, across the vocabulary's end: 0
     ]
-    results = lambada.evaluate(NextTokenOracle(300), TaskConfig(seq_len=32, batch_size=2), {"examples": examples})
+    results = lambada.evaluate(
+        common.TokenScores(NextTokenOracle(300)), TaskConfig(seq_len=32, batch_size=2), {"examples": examples}
+    )
     assert results["accuracy"] == 0.5 and results["examples"] == 4 and results["target_tokens"] == 10
     assert results["loss_per_token"] == pytest.approx(300 / 10) and results["ppl_per_token"] == pytest.approx(
         math.exp(30)
@@ -88,7 +90,10 @@ def test_batched_passages_score_bit_identically_to_one_at_a_time_on_the_real_tes
     model = GPTModel(ModelConfig(hidden=64, heads=4, layers=2, seq_len=128), seed=0).eval()  # GPT-2's vocabulary
     with single_threaded():
         one, batched = (
-            lambada.evaluate(model, TaskConfig(seq_len=128, batch_size=size), {"examples": examples}) for size in (1, 6)
+            lambada.evaluate(
+                common.TokenScores(model), TaskConfig(seq_len=128, batch_size=size), {"examples": examples}
+            )
+            for size in (1, 6)
         )
     assert one["examples"] == 150 and len(lambada.batches(examples, 128, 6)) < 150 / 2  # passages share forwards
     assert batched == one  # exactly: accuracy and both perplexities to the last bit
@@ -96,7 +101,7 @@ def test_batched_passages_score_bit_identically_to_one_at_a_time_on_the_real_tes
 
 def _evaluate(directory: Path, examples, out: Path | None, expected: dict | None):
     model = common.load_model(directory, state.current(), torch.device("cpu"))
-    results = lambada.evaluate(model, TaskConfig(seq_len=32, batch_size=3), {"examples": examples})
+    results = lambada.evaluate(common.TokenScores(model), TaskConfig(seq_len=32, batch_size=3), {"examples": examples})
     if out is not None:
         torch.save(results, out)
     if expected is not None:

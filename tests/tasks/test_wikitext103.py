@@ -1,3 +1,4 @@
+import contextlib
 import hashlib
 import math
 from pathlib import Path
@@ -5,7 +6,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_exp.config import ConfigError, EvalConfig, ModelConfig, TaskConfig, TokenizerConfig, check_ranges
+from megatron_exp.config import (
+    ConfigError,
+    EvalConfig,
+    ModelConfig,
+    ParallelConfig,
+    TaskConfig,
+    TokenizerConfig,
+    check_ranges,
+)
 from megatron_exp.data.tokenizer import gpt2
 from megatron_exp.models.gpt import GPTModel
 from megatron_exp.parallel import state
@@ -99,16 +108,16 @@ def test_a_model_that_always_predicts_the_target_scores_perplexity_one():
     task = TaskConfig(seq_len=16, stride=4, batch_size=3)
     tokens = [i % 300 for i in range(250)]
     inputs = {"tokens": tokens, "words": 100}
-    perfect = wikitext103.evaluate(NextTokenOracle(300), task, inputs)
+    perfect = wikitext103.evaluate(common.TokenScores(NextTokenOracle(300)), task, inputs)
     assert perfect["scored_targets"] == 249 and perfect["ppl"] == pytest.approx(1.0, abs=1e-9)
     assert perfect["word_ppl"] == pytest.approx(1.0, abs=1e-9)
-    wrong = wikitext103.evaluate(NextTokenOracle(300, shift=2), task, inputs)
+    wrong = wikitext103.evaluate(common.TokenScores(NextTokenOracle(300, shift=2)), task, inputs)
     assert wrong["loss"] == pytest.approx(100.0, rel=1e-4) and wrong["word_ppl"] == pytest.approx(
         math.exp(100.0 * 249 / 99), rel=1e-3
     )
 
 
-CFG = ModelConfig(name="eval", hidden=64, heads=4, layers=2, vocab_size=300, seq_len=32)
+CFG = ModelConfig(name="eval", hidden=64, heads=4, layers=4, vocab_size=300, seq_len=32)
 TOKENS = [int(t) for t in torch.randint(0, 300, (400,), generator=torch.Generator().manual_seed(0))]
 
 
@@ -118,10 +127,11 @@ def _saved_checkpoint(path: Path) -> Path:
     return checkpoint.save_all(path, 0, [{"iteration": 0, "model": serial.state_dict()}], meta)
 
 
-def _evaluate_at_current_tp(directory: Path, expected: dict | None, out: Path | None):
-    model = common.load_model(directory, state.current(), torch.device("cpu"))
+def _evaluate_at_current_tp(directory: Path, expected: dict | None, out: Path | None, virtual_stages: int = 1):
+    parallel = ParallelConfig(virtual_stages=virtual_stages)
+    scores = common.token_scores(directory, state.current(), torch.device("cpu"), parallel, contextlib.nullcontext)
     task = TaskConfig(seq_len=32, stride=8, batch_size=4)
-    results = wikitext103.evaluate(model, task, {"tokens": TOKENS, "words": 150})
+    results = wikitext103.evaluate(scores, task, {"tokens": TOKENS, "words": 150})
     if out is not None:
         torch.save(results, out)
     if expected is not None:
@@ -135,6 +145,14 @@ def test_tp2_evaluation_equals_tp1(tmp_path):
     expected = torch.load(tmp_path / "tp1.pt")
     assert expected["scored_targets"] == 399
     run_on_ranks(2, _evaluate_at_current_tp, directory, expected, None)
+
+
+@pytest.mark.parametrize("tp, pp, virtual", [(1, 2, 1), (2, 2, 2)])
+def test_pipelined_evaluation_equals_serial(tmp_path, tp, pp, virtual):
+    """The stages' forward, the scores broadcast from the last: every rank reports the serial numbers."""
+    directory = _saved_checkpoint(tmp_path / "run")
+    _evaluate_at_current_tp(directory, None, tmp_path / "serial.pt")
+    run_on_ranks(tp * pp, _evaluate_at_current_tp, directory, torch.load(tmp_path / "serial.pt"), None, virtual, pp=pp)
 
 
 def test_a_tp_shard_split_of_the_same_weights_gives_the_same_numbers(tmp_path):
@@ -154,7 +172,8 @@ def test_batched_windows_score_bit_identically_to_one_at_a_time_on_the_real_file
     inputs = {"tokens": tokens, "words": 2_000}
     with single_threaded():
         one, batched = (
-            wikitext103.evaluate(model, TaskConfig(seq_len=64, stride=16, batch_size=size), inputs) for size in (1, 7)
+            wikitext103.evaluate(common.TokenScores(model), TaskConfig(seq_len=64, stride=16, batch_size=size), inputs)
+            for size in (1, 7)
         )
     assert (
         one["scored_targets"] == len(tokens) - 1 and len(wikitext103.windows(len(tokens), 64, 16)) % 7
