@@ -47,3 +47,22 @@ def test_gpu_benchmark_runs_on_cpu_with_a_tiny_model(tmp_path):
     assert combinations == [(False, False), (False, True), (True, False), (True, True)]
     assert all(r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 for r in results["rows"])
     assert "| micro batch | recompute | compile |" in done.stdout
+
+
+@pytest.mark.slow
+def test_pipeline_benchmark_quick_run_reports_step_time_against_the_bubble(tmp_path):
+    out = tmp_path / "pipeline.json"
+    done = subprocess.run(
+        [sys.executable, "benchmarks/pipeline.py", "--quick", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["pp"], r["virtual"]) for r in rows] == [(1, 1), (2, 1), (2, 2)]
+    assert [r["bubble"] for r in rows] == [0.0, 1 / 4, 1 / 8]  # (p - 1) / (v m), m = 4
+    assert all(r["s"] > 0 and len(r["idle_per_stage"]) == r["pp"] for r in rows)
+    assert all(0 < idle < 1 for r in rows[1:] for idle in r["idle_per_stage"])  # stages of a pipeline wait
+    assert "| measured / predicted |" in done.stdout
