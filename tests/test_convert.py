@@ -1,5 +1,7 @@
 """Resharding between TP degrees and GPT-2 import/export: logits agree to fp32 rounding through every path."""
 
+import contextlib
+import dataclasses
 import json
 import subprocess
 import sys
@@ -11,12 +13,15 @@ import torch
 from megatron_exp.config import ConfigError, ConvertConfig, EvalConfig, ModelConfig
 from megatron_exp.convert import convert
 from megatron_exp.data.tokenizer import train_bpe
+from megatron_exp.models.contract import Batch
 from megatron_exp.models.gpt import GPTModel
 from megatron_exp.parallel import state
 from megatron_exp.parallel.mappings import gather_last_dim
+from megatron_exp.parallel.pipeline import PipelineLayout
 from megatron_exp.parallel.sharding import shard_specs, split_state_dict
 from megatron_exp.tasks import common
 from megatron_exp.training import checkpoint
+from megatron_exp.training.schedule import Pipeline
 from tests.distributed import run_on_ranks
 from tests.tasks.test_entry_points import PASSAGES, evaluate
 
@@ -59,22 +64,44 @@ def test_reshard_tp4_to_1_to_2_keeps_the_logits(tmp_path):
         run_on_ranks(tp, _check_logits, saved, expected)  # and at TP=2 and TP=4, from any saved degree
 
 
+def _check_pipelined_logits(directory: Path, expected_file: Path):
+    """The checkpoint at this grid's TP x PP layout: the last stage's logits of the pipelined forward."""
+    grid = state.current()
+    cfg = checkpoint.model_config_of(directory)
+    layout = PipelineLayout(grid.pp.size, 1, cfg.layers)
+    model = GPTModel(cfg, part=layout.part(grid.pp.rank)).eval()
+    model.load_state_dict(checkpoint.load_model_state(directory, model, grid))
+    logits = Pipeline(model, grid, layout, "1f1b", contextlib.nullcontext).outputs(Batch({"tokens": TOKENS}, {}))
+    if grid.pp.rank == grid.pp.size - 1:
+        torch.testing.assert_close(gather_last_dim(logits, grid.tp)[..., : cfg.vocab_size], torch.load(expected_file))
+
+
 def test_pipeline_layouts_convert_both_ways_and_keep_the_logits(tmp_path):
-    serial = GPTModel(CFG, seed=3)
-    meta = {"tp": 1, "dp": 1, "model": vars(CFG)}
+    cfg = dataclasses.replace(CFG, layers=4)
+    serial = GPTModel(cfg, seed=3)
+    meta = {"tp": 1, "dp": 1, "model": vars(cfg)}
     checkpoint.save_all(tmp_path / "tp1", 0, [{"iteration": 0, "model": serial.state_dict()}], meta)
     convert(ConvertConfig(source=str(tmp_path / "tp1"), tp=2, pp=2, output=str(tmp_path / "tp2pp2")))
     staged = checkpoint.find_latest(tmp_path / "tp2pp2")
     assert checkpoint.layout_of(checkpoint.read_meta(staged)) == (2, 2, 1)
     stage_keys = [set(checkpoint.load_rank(staged, rank)["model"]) for rank in (0, 2)]  # TP rank 0 of each stage
-    assert {"embedding.weight", "position_embedding", "layers.0.mlp.fc1.weight"} <= stage_keys[0]
-    assert {"embedding.weight", "final_norm.weight", "layers.1.mlp.fc1.weight"} <= stage_keys[1]  # tied copy
-    assert not stage_keys[0] & {"layers.1.mlp.fc1.weight", "final_norm.weight"}
+    assert {"embedding.weight", "position_embedding", "layers.1.mlp.fc1.weight"} <= stage_keys[0]
+    assert {"embedding.weight", "final_norm.weight", "layers.2.mlp.fc1.weight"} <= stage_keys[1]  # tied copy
+    assert not stage_keys[0] & {"layers.2.mlp.fc1.weight", "final_norm.weight"}
     convert(ConvertConfig(source=str(staged), tp=1, output=str(tmp_path / "back")))
     back = checkpoint.load_rank(checkpoint.find_latest(tmp_path / "back"), 0)["model"]
     for name, tensor in serial.state_dict().items():
         assert torch.equal(back[name], tensor), name
-    with pytest.raises(ConfigError, match=r"pp x virtual_stages = 3 x 1 does not divide the model's 2 layers"):
+    convert(ConvertConfig(source=str(staged), tp=1, pp=4, output=str(tmp_path / "pp4")))
+    pp4 = checkpoint.find_latest(tmp_path / "pp4")
+    assert checkpoint.layout_of(checkpoint.read_meta(pp4)) == (1, 4, 1)
+
+    expected = tmp_path / "expected.pt"
+    with torch.no_grad():
+        torch.save(serial.eval()(TOKENS)[..., :300], expected)
+    run_on_ranks(4, _check_pipelined_logits, pp4, expected, pp=4)  # (tp2, pp2) -> (tp1, pp4), run at pp=4
+    _check_logits([pp4, checkpoint.find_latest(tmp_path / "back")], expected)  # merged to serial on load
+    with pytest.raises(ConfigError, match=r"pp x virtual_stages = 3 x 1 does not divide the model's 4 layers"):
         convert(ConvertConfig(source=str(staged), pp=3, output=str(tmp_path / "bad")))
 
 
