@@ -1,14 +1,14 @@
 """`python -m megatron_exp.analyze sweep=<sweep dir>`: a sweep's scaling table and plot, from its run directories.
 
-Reads each job's config.yaml, metrics.jsonl, results.json or failed.json (no network; a job is any directory
-under the sweep that Hydra marked with .hydra/) and writes, into the sweep
-directory, scaling.md and scaling.csv (one row per job: throughput, TFLOP/s per device, MFU, and efficiency
-against the TP=1 job of its series) and scaling.png. Throughput numbers are medians over the logged windows after
-the first (which includes start-up). Two readings of efficiency, as in the paper's Figure 5: weak scaling (the
-model grows with TP) compares TFLOP/s per device with the TP=1 baseline; strong scaling (one model) compares
-tokens/s, as a speedup. Jobs are compared only within their series: one experiment family of conf/experiment/
-(the model growing with TP, as the paper pairs them), otherwise one model: never one model against another's
-baseline. The paper's numbers are shown beside where it reports them.
+Reads each job's config.yaml, metrics.jsonl, results.json or failed.json (no network; a job is any directory under
+the sweep that Hydra marked with .hydra/) and writes, into the sweep directory, scaling.md and scaling.csv (one row
+per job: throughput, TFLOP/s per device, MFU, and efficiency against the job of its series without model
+parallelism, TP = PP = 1) and scaling.png. Throughput numbers are medians over the logged windows after the first
+(which includes start-up). Two readings of efficiency, as in the paper's Figure 5: weak scaling (the model grows
+with TP) compares TFLOP/s per device with the TP=1 baseline; strong scaling (one model) compares tokens/s, as a
+speedup. Jobs are compared only within their series: one experiment family of conf/experiment/ (the model growing
+with TP, as the paper pairs them), otherwise one model: never one model against another's baseline. The paper's
+numbers are shown beside where it reports them.
 """
 
 from __future__ import annotations
@@ -45,21 +45,24 @@ def _series(job: Path, model: str) -> str:
     hydra = job / ".hydra" / "hydra.yaml"
     choices = yaml.safe_load(hydra.read_text())["hydra"]["runtime"]["choices"] if hydra.is_file() else {}
     experiment = choices.get("experiment")
-    return re.sub(r"_(\d+[bmk]_)?tp\d+$", "", experiment) if experiment else model
+    return re.sub(r"_(\d+[bmk]_)?tp\d+(_pp\d+)?$", "", experiment) if experiment else model
 
 
 def read_job(job: Path) -> dict:
     # The resolved config of a job that started; Hydra's composed one for a job that failed before that.
     source = job / "config.yaml" if (job / "config.yaml").is_file() else job / ".hydra" / "config.yaml"
     config = yaml.safe_load(source.read_text())
-    model = config.get("model", {}).get("name", "?")
+    model, parallel = config.get("model", {}).get("name", "?"), config.get("parallel", {})
     row = {
         "job": job.name,
         "series": _series(job, model),
         "model": model,
-        "tp": config.get("parallel", {}).get("tp"),
-        "dp": config.get("parallel", {}).get("dp"),
+        "tp": parallel.get("tp"),
+        "pp": parallel.get("pp", 1),
+        "dp": parallel.get("dp"),
     }
+    if row["pp"] > 1:
+        row |= {"virtual_stages": parallel.get("virtual_stages", 1), "schedule": parallel.get("schedule")}
     if (job / "failed.json").is_file() or not (job / "metrics.jsonl").is_file():
         failure = json.loads((job / "failed.json").read_text()) if (job / "failed.json").is_file() else {}
         return {**row, "status": "failed", "error": failure.get("error", "no metrics")}
@@ -82,21 +85,24 @@ def analyze(sweep: Path, mode: str) -> list[dict]:
     jobs = sorted(marker.parent for marker in sweep.rglob(".hydra") if marker.is_dir())
     rows = [{**read_job(job), "job": str(job.relative_to(sweep))} for job in jobs]
     done = [r for r in rows if r["status"] == "done"]
-    for row in done:  # each against the lowest TP degree of its own series, never of another model
-        base = min((r for r in done if r["series"] == row["series"]), key=lambda r: r["tp"])
-        if base["tp"] != 1:
+    for row in done:  # each against the job of its own series without model parallelism, never another model's
+        row["model_parallel"] = row["tp"] * row["pp"]
+        base = next((r for r in done if r["series"] == row["series"] and r["tp"] == r["pp"] == 1), None)
+        if base is None:
             continue
+        paper_tp = row["tp"] if row["pp"] == 1 else None  # the 2019 paper's numbers are for TP alone
         if mode == "weak":
             row["efficiency"] = row["tflops_per_device"] / base["tflops_per_device"]
-            row["paper_efficiency"] = PAPER_WEAK_EFFICIENCY.get(row["tp"])
+            row["paper_efficiency"] = PAPER_WEAK_EFFICIENCY.get(paper_tp)
         else:
             row["speedup"] = row["tokens_per_s"] / base["tokens_per_s"]
-            row["paper_speedup"] = PAPER_STRONG_SPEEDUP.get(row["tp"])
+            row["paper_speedup"] = PAPER_STRONG_SPEEDUP.get(paper_tp)
     return rows
 
 
-COLUMNS = ["job", "series", "model", "tp", "dp", "status", "tokens_per_s", "tflops_per_device", "mfu", "efficiency",
-           "paper_efficiency", "speedup", "paper_speedup", "final_valid_loss", "error"]  # fmt: skip
+COLUMNS = ["job", "series", "model", "tp", "pp", "virtual_stages", "schedule", "dp", "status", "tokens_per_s",
+           "tflops_per_device", "mfu", "efficiency", "paper_efficiency",
+           "speedup", "paper_speedup", "final_valid_loss", "error"]  # fmt: skip
 
 
 def _cell(value) -> str:
@@ -115,20 +121,24 @@ def write_outputs(rows: list[dict], sweep: Path, mode: str) -> list[Path]:
     table += ["| " + " | ".join(_cell(r.get(c)) for c in columns) + " |" for r in rows]
     (sweep / "scaling.md").write_text("\n".join(table) + "\n")
 
-    done = sorted((r for r in rows if r["status"] == "done"), key=lambda r: r["tp"])
+    done = sorted((r for r in rows if r["status"] == "done"), key=lambda r: (r["model_parallel"], r["pp"]))
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    labels = [f"{r['model']}\ntp={r['tp']}" for r in done]
+    labels = [f"{r['model']}\ntp={r['tp']}" + (f" pp={r['pp']}" if r["pp"] > 1 else "") for r in done]
     left.bar(labels, [r["tflops_per_device"] for r in done])
     left.set_ylabel("TFLOP/s per device")
     left.set_title("throughput per device")
     key, paper = ("efficiency", PAPER_WEAK_EFFICIENCY) if mode == "weak" else ("speedup", PAPER_STRONG_SPEEDUP)
     for series in dict.fromkeys(r["series"] for r in done):
-        points = [r for r in done if r["series"] == series and r.get(key) is not None]
-        right.plot([r["tp"] for r in points], [r[key] for r in points], "o-", label=f"{series} (this sweep)")
-    right.plot(list(paper), list(paper.values()), "s--", label="paper (Shoeybi et al. 2019)")
-    right.set_xlabel("TP degree")
+        for pp in sorted({r["pp"] for r in done if r["series"] == series}):
+            # each pipeline depth's curve over the TP degree, starting from the series' base (TP = PP = 1)
+            points = [r for r in done if r["series"] == series and r.get(key) is not None]
+            points = [r for r in points if r["pp"] == pp or r["model_parallel"] == 1]
+            label = f"{series}, pp={pp} (this sweep)" if pp > 1 else f"{series} (this sweep)"
+            right.plot([r["model_parallel"] for r in points], [r[key] for r in points], "o-", label=label)
+    right.plot(list(paper), list(paper.values()), "s--", label="paper, TP alone (Shoeybi et al. 2019)")
+    right.set_xlabel("model-parallel degree (tp x pp)")
     right.set_ylabel(f"{mode} scaling {key}")
-    right.set_title(f"{mode} scaling against TP=1")
+    right.set_title(f"{mode} scaling against TP = PP = 1")
     right.legend()
     figure.tight_layout()
     figure.savefig(sweep / "scaling.png", dpi=100)
