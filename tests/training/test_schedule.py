@@ -2,6 +2,7 @@
 model's loss terms, every gradient and the same optimizer steps (fp64, dropout off), for GPT and BERT, every
 schedule, and pipelines combined with TP."""
 
+import collections
 from contextlib import nullcontext
 
 import pytest
@@ -11,7 +12,7 @@ from megatron_exp.config import ModelConfig
 from megatron_exp.models import build_model
 from megatron_exp.models.contract import Batch
 from megatron_exp.parallel import state
-from megatron_exp.parallel.pipeline import PipelineLayout
+from megatron_exp.parallel.pipeline import PipelineLayout, peak_in_flight
 from megatron_exp.parallel.sharding import shard_specs
 from megatron_exp.training.grad_sync import GradientSync
 from megatron_exp.training.loop import reported
@@ -49,14 +50,16 @@ def _batch(arch: str, index: int) -> Batch:
     return Batch(inputs, targets)
 
 
-def _check_pipeline_matches_serial(arch: str, schedule: str, virtual: int, micro_batches: int, layers: int):
+def _check_pipeline_matches_serial(
+    arch: str, schedule: str, virtual: int, micro_batches: int, layers: int, recompute: bool
+):
     torch.set_default_dtype(torch.float64)
     grid = state.current()
     cfg = _config(arch, layers)
     layout = PipelineLayout(grid.pp.size, virtual, layers)
     with state.use(state.SERIAL):
         serial = build_model(cfg, seed=7)
-    model = build_model(cfg, seed=7, part=layout.part(grid.pp.rank))
+    model = build_model(cfg, seed=7, part=layout.part(grid.pp.rank), activation_checkpointing=recompute)
     specs = shard_specs(model)
     assert set(model.part.layers) == set(layout.part(grid.pp.rank).layers)
     serial_state = serial.state_dict()
@@ -107,18 +110,79 @@ def _check_terms(terms: dict, expected: dict, grid: state.ProcessGrid, when: str
 
 
 @pytest.mark.parametrize(
-    "arch, pp, tp, schedule, virtual, micro_batches",
+    "arch, pp, tp, schedule, virtual, micro_batches, recompute",
     [
-        ("gpt", 2, 1, "1f1b", 1, 4),
-        ("bert", 2, 1, "1f1b", 1, 3),
-        pytest.param("gpt", 2, 1, "gpipe", 1, 3, marks=pytest.mark.slow),
-        pytest.param("gpt", 2, 1, "interleaved", 2, 4, marks=pytest.mark.slow),
-        pytest.param("bert", 2, 1, "interleaved", 2, 2, marks=pytest.mark.slow),
-        pytest.param("gpt", 4, 1, "1f1b", 1, 6, marks=pytest.mark.slow),
-        pytest.param("gpt", 2, 2, "1f1b", 1, 3, marks=pytest.mark.slow),
-        pytest.param("bert", 2, 2, "gpipe", 1, 2, marks=pytest.mark.slow),
+        ("gpt", 2, 1, "1f1b", 1, 4, False),
+        ("bert", 2, 1, "1f1b", 1, 3, False),
+        pytest.param("gpt", 2, 1, "gpipe", 1, 3, False, marks=pytest.mark.slow),
+        pytest.param("gpt", 2, 1, "interleaved", 2, 4, False, marks=pytest.mark.slow),
+        pytest.param("gpt", 2, 1, "interleaved", 2, 4, True, marks=pytest.mark.slow),  # activation checkpointing
+        pytest.param("bert", 2, 1, "interleaved", 2, 2, False, marks=pytest.mark.slow),
+        pytest.param("gpt", 4, 1, "1f1b", 1, 6, False, marks=pytest.mark.slow),
+        pytest.param("gpt", 2, 2, "1f1b", 1, 3, False, marks=pytest.mark.slow),
+        pytest.param("bert", 2, 2, "gpipe", 1, 2, False, marks=pytest.mark.slow),
     ],
 )
-def test_a_pipeline_equals_the_serial_model(arch, pp, tp, schedule, virtual, micro_batches):
+def test_a_pipeline_equals_the_serial_model(arch, pp, tp, schedule, virtual, micro_batches, recompute):
     layers = 2 * pp * virtual
-    run_on_ranks(pp * tp, _check_pipeline_matches_serial, arch, schedule, virtual, micro_batches, layers, tp=tp, pp=pp)
+    run_on_ranks(
+        pp * tp, _check_pipeline_matches_serial, arch, schedule, virtual, micro_batches, layers, recompute, tp=tp, pp=pp
+    )
+
+
+class _LiveActivations:
+    """Which (chunk, micro-batch) forwards have tensors saved for backward at this moment, and the most at once:
+    autograd's saved tensors are wrapped as they are saved and counted until autograd frees them."""
+
+    def __init__(self):
+        self.live: collections.Counter = collections.Counter()
+        self.peak, self.current = 0, None
+
+    def pack(self, tensor: torch.Tensor) -> "_Saved":
+        self.live[self.current] += 1
+        self.peak = max(self.peak, len(self.live))
+        return _Saved(tensor, self, self.current)
+
+    @staticmethod
+    def unpack(saved: "_Saved") -> torch.Tensor:
+        return saved.tensor
+
+
+class _Saved:
+    def __init__(self, tensor: torch.Tensor, counter: _LiveActivations, key):
+        self.tensor, self.counter, self.key = tensor, counter, key
+
+    def __del__(self):
+        self.counter.live[self.key] -= 1
+        if not self.counter.live[self.key]:
+            del self.counter.live[self.key]
+
+
+class _CountingPipeline(Pipeline):
+    def __init__(self, *args, counter: _LiveActivations):
+        super().__init__(*args)
+        self.counter = counter
+
+    def _forward(self, action, batch):
+        self.counter.current = (action.chunk, action.micro)
+        return super()._forward(action, batch)
+
+
+def _check_live_activations(micro_batches: int):
+    grid = state.current()
+    for schedule, virtual in (("gpipe", 1), ("1f1b", 1), ("interleaved", 2)):
+        layout = PipelineLayout(grid.pp.size, virtual, 4)
+        model = build_model(_config("gpt", 4), seed=7, part=layout.part(grid.pp.rank))
+        counter = _LiveActivations()
+        pipeline = _CountingPipeline(model, grid, layout, schedule, nullcontext, counter=counter)
+        with torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack):
+            pipeline.train([_batch("gpt", i) for i in range(micro_batches)])
+        assert not counter.live, f"{schedule}: activations left after the step"
+        expected = peak_in_flight(layout, schedule, micro_batches, grid.pp.rank)
+        assert counter.peak == expected, f"{schedule}, stage {grid.pp.rank}: {counter.peak} != {expected}"
+
+
+def test_each_stage_holds_the_schedules_in_flight_activations_and_no_more():
+    """GPipe keeps all m micro-batches' activations, 1F1B at most p - stage, interleaved its warm-up + 1 chunk
+    forwards: counted from the tensors autograd really keeps, at every moment of a step."""
+    run_on_ranks(2, _check_live_activations, 4, pp=2)
