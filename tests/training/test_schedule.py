@@ -70,10 +70,11 @@ def _check_pipeline_matches_serial(
     pipeline = Pipeline(model, grid, layout, schedule, nullcontext)
     sync = GradientSync(model, grid)
     optimizers = [torch.optim.AdamW(m.parameters(), lr=3e-3, weight_decay=0.01) for m in (serial, model)]
-    for step in range(3):
-        batches = [_batch(arch, step * micro_batches + i) for i in range(micro_batches)]
+    dp = grid.dp.size
+    for step in range(3):  # the serial model takes the whole global batch, each DP replica its share
+        batches = [_batch(arch, (step * micro_batches + i) * dp + r) for i in range(micro_batches) for r in range(dp)]
         expected = serial_schedule.train(batches)
-        terms = pipeline.train(batches)
+        terms = pipeline.train(batches[grid.dp.rank :: dp])
         sync()
         _check_terms(terms, expected, grid, f"step {step}")
         serial_grads = {name: p.grad for name, p in serial.named_parameters()}
@@ -98,11 +99,11 @@ def _check_pipeline_matches_serial(
 
 
 def _check_terms(terms: dict, expected: dict, grid: state.ProcessGrid, when: str) -> None:
-    """The last stage holds the serial model's loss terms; the others zeros, so the reported (summed over the
-    stages, in fp32) values are the serial ones."""
+    """The last stage holds the serial model's loss terms (its DP replica's share's); the others zeros, so the
+    reported (summed over the stages, averaged over DP, in fp32) values are the serial ones."""
     assert terms.keys() == expected.keys()
     last = grid.pp.rank == grid.pp.size - 1
-    for name, value in terms.items():
+    for name, value in terms.items() if grid.dp.size == 1 else ():
         want = expected[name] if last else torch.zeros_like(expected[name])
         torch.testing.assert_close(value, want, **TIGHT, check_dtype=last, msg=f"{name}, {when}")
     for name, value in zip(terms, reported(list(terms.values()), grid), strict=True):
@@ -110,24 +111,25 @@ def _check_terms(terms: dict, expected: dict, grid: state.ProcessGrid, when: str
 
 
 @pytest.mark.parametrize(
-    "arch, pp, tp, schedule, virtual, micro_batches, recompute",
+    "arch, pp, tp, dp, schedule, virtual, micro_batches, recompute",
     [
-        ("gpt", 2, 1, "1f1b", 1, 4, False),
-        ("bert", 2, 1, "1f1b", 1, 3, False),
-        pytest.param("gpt", 2, 1, "gpipe", 1, 3, False, marks=pytest.mark.slow),
-        pytest.param("gpt", 2, 1, "interleaved", 2, 4, False, marks=pytest.mark.slow),
-        pytest.param("gpt", 2, 1, "interleaved", 2, 4, True, marks=pytest.mark.slow),  # activation checkpointing
-        pytest.param("bert", 2, 1, "interleaved", 2, 2, False, marks=pytest.mark.slow),
-        pytest.param("gpt", 4, 1, "1f1b", 1, 6, False, marks=pytest.mark.slow),
-        pytest.param("gpt", 2, 2, "1f1b", 1, 3, False, marks=pytest.mark.slow),
-        pytest.param("bert", 2, 2, "gpipe", 1, 2, False, marks=pytest.mark.slow),
+        ("gpt", 2, 1, 1, "1f1b", 1, 4, False),
+        ("bert", 2, 1, 1, "1f1b", 1, 3, False),
+        pytest.param("gpt", 2, 1, 1, "gpipe", 1, 3, False, marks=pytest.mark.slow),
+        pytest.param("gpt", 2, 1, 1, "interleaved", 2, 4, False, marks=pytest.mark.slow),
+        pytest.param("gpt", 2, 1, 1, "interleaved", 2, 4, True, marks=pytest.mark.slow),  # activation checkpointing
+        pytest.param("bert", 2, 1, 1, "interleaved", 2, 2, False, marks=pytest.mark.slow),
+        pytest.param("gpt", 4, 1, 1, "1f1b", 1, 6, False, marks=pytest.mark.slow),
+        pytest.param("gpt", 2, 2, 1, "1f1b", 1, 3, False, marks=pytest.mark.slow),
+        pytest.param("bert", 2, 2, 1, "gpipe", 1, 2, False, marks=pytest.mark.slow),
+        pytest.param("gpt", 2, 2, 2, "interleaved", 2, 2, False, marks=pytest.mark.slow),  # 8 processes
+        pytest.param("bert", 2, 2, 2, "1f1b", 1, 2, False, marks=pytest.mark.slow),
     ],
 )
-def test_a_pipeline_equals_the_serial_model(arch, pp, tp, schedule, virtual, micro_batches, recompute):
+def test_a_pipeline_equals_the_serial_model(arch, pp, tp, dp, schedule, virtual, micro_batches, recompute):
     layers = 2 * pp * virtual
-    run_on_ranks(
-        pp * tp, _check_pipeline_matches_serial, arch, schedule, virtual, micro_batches, layers, recompute, tp=tp, pp=pp
-    )
+    args = (arch, schedule, virtual, micro_batches, layers, recompute)
+    run_on_ranks(pp * tp * dp, _check_pipeline_matches_serial, *args, tp=tp, pp=pp)
 
 
 class _LiveActivations:
