@@ -336,36 +336,61 @@ class ConvertConfig(Schema):
 
 
 @dataclass
-class TaskConfig(Schema):
-    name: str = "wikitext103"
+class TextTaskConfig(Schema):
+    """What a zero-shot evaluation reads and how many of its sequences share a forward."""
+
+    name: str = "???"
     source: str = "???"  # a local file (text for WikiText, jsonl for LAMBADA) or hub:<dataset name>
     hub_config: str | None = None
     split: str = "test"  # the hub dataset's split
     text_field: str = "text"
     seq_len: int | None = checked(None, **POSITIVE)  # context per forward; None: model.seq_len
-    stride: int = checked(32, **POSITIVE)  # WikiText: tokens scored per window after the first (overlapping)
-    # WikiText: paper (the reference detokenizer's rules, byte for byte: the paper's number) | none (the word-level
-    # text as it is, for a model trained on it)
-    detokenizer: str = checked("paper", choices=("paper", "none"))
-    strict: bool = True  # LAMBADA: the whole last word must be predicted; false: only the last token
     batch_size: int = checked(8, **POSITIVE)  # windows (WikiText) or passages (LAMBADA) per forward
-    max_examples: int | None = checked(None, **POSITIVE)  # LAMBADA: evaluate only the first N (quick checks)
+
+
+@dataclass
+class WikiTextConfig(TextTaskConfig):
+    name: str = "wikitext103"
+    stride: int = checked(32, **POSITIVE)  # tokens scored per window after the first (overlapping)
+    # paper (the reference detokenizer's rules, byte for byte: the paper's number) | none (the word-level text as
+    # it is, for a model trained on it)
+    detokenizer: str = checked("paper", choices=("paper", "none"))
+
+
+@dataclass
+class LambadaConfig(TextTaskConfig):
+    name: str = "lambada"
+    strict: bool = True  # the whole last word must be predicted; false: only the last token
+    max_examples: int | None = checked(None, **POSITIVE)  # evaluate only the first N (quick checks)
 
 
 # Keys that were renamed, by (section, old name): the old name is refused with a pointer to the new one.
-RENAMED: Mapping[tuple[type, str], str] = {(TaskConfig, "micro_batch"): "batch_size"}
+RENAMED: Mapping[tuple[type, str], str] = {
+    (WikiTextConfig, "micro_batch"): "batch_size",
+    (LambadaConfig, "micro_batch"): "batch_size",
+}
 
 
 @dataclass
 class EvalConfig(Schema):
-    """A zero-shot evaluation of a checkpoint, at any TP degree."""
+    """A zero-shot evaluation of a checkpoint, at any TP x PP layout; each task's schema types its `task`."""
 
     checkpoint: str = "???"  # a run directory (its newest checkpoint), checkpoint directory, or convert output
     tokenizer: str | None = None  # tokenizer.json; None: the run's own, or GPT-2's for a 50,257-entry vocabulary
-    task: TaskConfig = field(default_factory=TaskConfig)
+    task: TextTaskConfig = field(default_factory=TextTaskConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+@dataclass
+class WikiTextEvalConfig(EvalConfig):
+    task: WikiTextConfig = field(default_factory=WikiTextConfig)
+
+
+@dataclass
+class LambadaEvalConfig(EvalConfig):
+    task: LambadaConfig = field(default_factory=LambadaConfig)
 
 
 @dataclass
@@ -412,7 +437,8 @@ class AnalyzeConfig(Schema):
 # Hydra's name for each entry point's schema, which its root config in conf/ lists first in its defaults.
 SCHEMAS: Mapping[str, type] = {
     "schema": Config,
-    "eval_schema": EvalConfig,
+    "eval_wikitext103_schema": WikiTextEvalConfig,
+    "eval_lambada_schema": LambadaEvalConfig,
     "race_schema": RaceConfig,
     "convert_schema": ConvertConfig,
     "analyze_schema": AnalyzeConfig,

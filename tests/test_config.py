@@ -12,6 +12,7 @@ from megatron_exp.config import (
     ConvertConfig,
     DataConfig,
     HardwareConfig,
+    LambadaConfig,
     LoggerConfig,
     ModelConfig,
     OptimizerConfig,
@@ -20,9 +21,9 @@ from megatron_exp.config import (
     RaceTaskConfig,
     RunSpec,
     Schema,
-    TaskConfig,
     TokenizerConfig,
     TrainConfig,
+    WikiTextConfig,
     check_ranges,
 )
 from tests.conftest import CONF_DIR, compose_config
@@ -126,7 +127,8 @@ OUT_OF_RANGE = {
     TrainConfig: {"iterations": 0, "log_interval": 0, "eval_interval": -1, "eval_iters": 0, "seed": -1},
     CheckpointConfig: {"interval": -1, "keep": -1},
     ConvertConfig: {"tp": 0, "pp": 0, "virtual_stages": 0},
-    TaskConfig: {"seq_len": 0, "stride": 0, "batch_size": 0, "max_examples": 0},
+    WikiTextConfig: {"seq_len": 0, "stride": 0, "batch_size": 0},
+    LambadaConfig: {"seq_len": 0, "batch_size": 0, "max_examples": 0},
     RaceTaskConfig: {"seq_len": 0, "max_qa_len": 0, "epochs": 0, "warmup_fraction": 1.5, "max_questions": 0},
     RaceConfig: {"seed": -1, "log_interval": 0},
 }  # fmt: skip

@@ -26,7 +26,7 @@ from megatron_exp.config import (
     ModelConfig,
     ParallelConfig,
     RunSpec,
-    TaskConfig,
+    TextTaskConfig,
     check_ranges,
 )
 from megatron_exp.data import tokenizer as tokenizers
@@ -55,7 +55,7 @@ def load_tokenizer(cfg: EvalConfig, directory: Path, model: ModelConfig) -> Toke
     )
 
 
-def read_texts(task: TaskConfig) -> list[str]:
+def read_texts(task: TextTaskConfig) -> list[str]:
     """The task's texts: lines of `text_field` from a hub split or a local jsonl, or a local text file whole."""
     if task.source.startswith("hub:"):
         name = task.source.removeprefix("hub:")
@@ -167,11 +167,11 @@ def report(spec: RunSpec[EvalConfig], results: dict) -> dict:
     return results
 
 
-def main(raw: DictConfig, build_inputs: Callable, evaluate: Callable) -> dict | None:
-    """The body of an evaluation entry point: its inputs from `build_inputs(cfg, tokenizer)`, scored on every
-    rank by `evaluate(scores, task, inputs, progress)`."""
+def main(raw: DictConfig, schema: type[EvalConfig], build_inputs: Callable, evaluate: Callable) -> dict | None:
+    """The body of an evaluation entry point (its config typed by `schema`): its inputs from
+    `build_inputs(cfg, tokenizer)`, scored on every rank by `evaluate(scores, task, inputs, progress)`."""
     prepare_task = functools.partial(prepare, build_inputs=build_inputs)
-    return entry.run(raw, EvalConfig, prepare_task, functools.partial(evaluate_rank, evaluate), report)
+    return entry.run(raw, schema, prepare_task, functools.partial(evaluate_rank, evaluate), report)
 
 
 def load_model(directory: Path, grid: state.ProcessGrid, device: torch.device, virtual_stages: int = 1) -> GPTModel:

@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from megatron_exp import entry
-from megatron_exp.config import EvalConfig, TaskConfig
+from megatron_exp.config import LambadaConfig, LambadaEvalConfig
 from megatron_exp.tasks import common
 
 
@@ -66,7 +66,7 @@ def example_batch(examples, seq_len: int) -> tuple[torch.Tensor, torch.Tensor, t
 
 
 @torch.no_grad()
-def evaluate(scores: common.TokenScores, task: TaskConfig, inputs: dict, progress=False) -> dict:
+def evaluate(scores: common.TokenScores, task: LambadaConfig, inputs: dict, progress=False) -> dict:
     """Accuracy and the targets' perplexity per token and per passage, `task.batch_size` passages per forward.
     Each passage is read as it would be alone and the losses are summed exactly (math.fsum, so in no particular
     order): the batch size changes nothing this harness computes."""
@@ -96,14 +96,14 @@ def evaluate(scores: common.TokenScores, task: TaskConfig, inputs: dict, progres
     }
 
 
-def build_inputs(cfg: EvalConfig, tokenizer) -> dict:
+def build_inputs(cfg: LambadaEvalConfig, tokenizer) -> dict:
     texts = common.read_texts(cfg.task)[: cfg.task.max_examples]
     return {"examples": encode(texts, tokenizer, cfg.task.strict)}
 
 
 @entry.hydra_app("eval_lambada")
 def main(raw: DictConfig) -> dict | None:
-    return common.main(raw, build_inputs, evaluate)
+    return common.main(raw, LambadaEvalConfig, build_inputs, evaluate)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from megatron_exp import entry
-from megatron_exp.config import ConfigError, EvalConfig, TaskConfig
+from megatron_exp.config import ConfigError, WikiTextConfig, WikiTextEvalConfig
 from megatron_exp.tasks import common
 
 # The paper's WikiText-103 detokenizer, rule by rule (Megatron-LM tasks/zeroshot_gpt/detokenizer.py, last present at
@@ -87,7 +87,7 @@ def window_batch(tokens: list[int], spans, seq_len: int) -> tuple[torch.Tensor, 
 
 
 @torch.no_grad()
-def evaluate(scores: common.TokenScores, task: TaskConfig, inputs: dict, progress=False) -> dict:
+def evaluate(scores: common.TokenScores, task: WikiTextConfig, inputs: dict, progress=False) -> dict:
     """The loss of every target, `task.batch_size` windows per forward (the same on every TP rank). A window has
     the same tokens and width whatever shares its forward, and the losses are summed exactly (math.fsum, so in no
     particular order): the batch size changes nothing this harness computes."""
@@ -114,7 +114,7 @@ def evaluate(scores: common.TokenScores, task: TaskConfig, inputs: dict, progres
     }
 
 
-def build_inputs(cfg: EvalConfig, tokenizer) -> dict:
+def build_inputs(cfg: WikiTextEvalConfig, tokenizer) -> dict:
     text = "".join(common.read_texts(cfg.task))  # hub rows are lines that keep their newline
     detokenized = DETOKENIZERS[cfg.task.detokenizer](text)
     return {"tokens": tokenizer.encode(detokenized).ids, "words": word_count(text)}
@@ -122,7 +122,7 @@ def build_inputs(cfg: EvalConfig, tokenizer) -> dict:
 
 @entry.hydra_app("eval_wikitext103")
 def main(raw: DictConfig) -> dict | None:
-    return common.main(raw, build_inputs, evaluate)
+    return common.main(raw, WikiTextEvalConfig, build_inputs, evaluate)
 
 
 if __name__ == "__main__":

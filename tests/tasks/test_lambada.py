@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_exp.config import ModelConfig, TaskConfig, TokenizerConfig
+from megatron_exp.config import LambadaConfig, ModelConfig, TokenizerConfig
 from megatron_exp.data.tokenizer import gpt2
 from megatron_exp.models.gpt import GPTModel
 from megatron_exp.parallel import state
@@ -42,7 +42,7 @@ def test_strict_targets_are_every_token_of_the_last_word():
 
 @pytest.mark.skipif(not (SHARED / "lambada_test.jsonl").is_file(), reason="../shared/data is not present")
 def test_the_real_test_set_loads_with_hand_checked_targets():
-    texts = common.read_texts(TaskConfig(source=str(SHARED / "lambada_test.jsonl")))
+    texts = common.read_texts(LambadaConfig(source=str(SHARED / "lambada_test.jsonl")))
     assert len(texts) == 5153
     examples = lambada.encode(texts[:4], GPT2, strict=True)
     assert [GPT2.decode(target) for _, target in examples] == [" signs", " Shane", " insurance", " Helen"]
@@ -72,7 +72,7 @@ def test_an_oracle_gives_hand_computed_accuracy_and_perplexities_per_token_and_p
         ([295, 296, 297, 298, 299, 0, 1, 2, 3, 4], [5, 6, 7, 8]),  # right, across the vocabulary's end: 0
     ]
     results = lambada.evaluate(
-        common.TokenScores(NextTokenOracle(300)), TaskConfig(seq_len=32, batch_size=2), {"examples": examples}
+        common.TokenScores(NextTokenOracle(300)), LambadaConfig(seq_len=32, batch_size=2), {"examples": examples}
     )
     assert results["accuracy"] == 0.5 and results["examples"] == 4 and results["target_tokens"] == 10
     assert results["loss_per_token"] == pytest.approx(300 / 10) and results["ppl_per_token"] == pytest.approx(
@@ -84,14 +84,14 @@ def test_an_oracle_gives_hand_computed_accuracy_and_perplexities_per_token_and_p
 
 @pytest.mark.skipif(not (SHARED / "lambada_test.jsonl").is_file(), reason="../shared/data is not present")
 def test_batched_passages_score_bit_identically_to_one_at_a_time_on_the_real_test_set():
-    texts = common.read_texts(TaskConfig(source=str(SHARED / "lambada_test.jsonl")))[:150]  # a prefix: GPT-2's
+    texts = common.read_texts(LambadaConfig(source=str(SHARED / "lambada_test.jsonl")))[:150]  # a prefix: GPT-2's
     # vocabulary makes every forward cost 50K logits a position
     examples = lambada.encode(texts, GPT2, strict=True)
     model = GPTModel(ModelConfig(hidden=64, heads=4, layers=2, seq_len=128), seed=0).eval()  # GPT-2's vocabulary
     with single_threaded():
         one, batched = (
             lambada.evaluate(
-                common.TokenScores(model), TaskConfig(seq_len=128, batch_size=size), {"examples": examples}
+                common.TokenScores(model), LambadaConfig(seq_len=128, batch_size=size), {"examples": examples}
             )
             for size in (1, 6)
         )
@@ -101,7 +101,9 @@ def test_batched_passages_score_bit_identically_to_one_at_a_time_on_the_real_tes
 
 def _evaluate(directory: Path, examples, out: Path | None, expected: dict | None):
     model = common.load_model(directory, state.current(), torch.device("cpu"))
-    results = lambada.evaluate(common.TokenScores(model), TaskConfig(seq_len=32, batch_size=3), {"examples": examples})
+    results = lambada.evaluate(
+        common.TokenScores(model), LambadaConfig(seq_len=32, batch_size=3), {"examples": examples}
+    )
     if out is not None:
         torch.save(results, out)
     if expected is not None:
@@ -128,8 +130,8 @@ def test_tp2_evaluation_equals_tp1(tmp_path):
 def test_local_jsonl_and_a_missing_file(tmp_path):
     path = tmp_path / "lambada.jsonl"
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["one two", "three four five"]))
-    assert common.read_texts(TaskConfig(source=str(path))) == ["one two", "three four five"]
+    assert common.read_texts(LambadaConfig(source=str(path))) == ["one two", "three four five"]
     from megatron_exp.config import ConfigError
 
     with pytest.raises(ConfigError, match=r"task.source=.*nope.jsonl is not a file"):
-        common.read_texts(TaskConfig(source=str(tmp_path / "nope.jsonl")))
+        common.read_texts(LambadaConfig(source=str(tmp_path / "nope.jsonl")))

@@ -8,11 +8,11 @@ import torch
 
 from megatron_exp.config import (
     ConfigError,
-    EvalConfig,
     ModelConfig,
     ParallelConfig,
-    TaskConfig,
     TokenizerConfig,
+    WikiTextConfig,
+    WikiTextEvalConfig,
     check_ranges,
 )
 from megatron_exp.data.tokenizer import gpt2
@@ -82,7 +82,7 @@ def test_each_rule_of_the_papers_detokenizer(raw, expected):
 
 def test_an_unknown_detokenizer_is_a_one_line_error_naming_the_choices():
     with pytest.raises(ConfigError, match=r"^task.detokenizer=clean is unknown: use paper or none$"):
-        check_ranges(EvalConfig(task=TaskConfig(detokenizer="clean")))
+        check_ranges(WikiTextEvalConfig(task=WikiTextConfig(detokenizer="clean")))
 
 
 def test_detokenizer_none_keeps_the_word_level_text():
@@ -92,7 +92,7 @@ def test_detokenizer_none_keeps_the_word_level_text():
 
 @pytest.mark.skipif(not (SHARED / "wikitext103_test.tokens").is_file(), reason="../shared/data is not present")
 def test_the_real_test_file_detokenizes_byte_for_byte_as_the_paper_did():
-    (text,) = common.read_texts(TaskConfig(source=str(SHARED / "wikitext103_test.tokens")))
+    (text,) = common.read_texts(WikiTextConfig(source=str(SHARED / "wikitext103_test.tokens")))
     detokenized = wikitext103.detokenize(text).encode("utf-8")
     assert len(detokenized) == 1_206_463 and detokenized.count(b"\n") + 1 == 4_333
     assert hashlib.sha256(detokenized).hexdigest() == "f7a499621c56efe6af6dfcf0000730cb19f60063656a277e0dc881c165d6c397"
@@ -105,7 +105,7 @@ def test_the_real_test_file_has_the_papers_word_count():
 
 
 def test_a_model_that_always_predicts_the_target_scores_perplexity_one():
-    task = TaskConfig(seq_len=16, stride=4, batch_size=3)
+    task = WikiTextConfig(seq_len=16, stride=4, batch_size=3)
     tokens = [i % 300 for i in range(250)]
     inputs = {"tokens": tokens, "words": 100}
     perfect = wikitext103.evaluate(common.TokenScores(NextTokenOracle(300)), task, inputs)
@@ -130,7 +130,7 @@ def _saved_checkpoint(path: Path) -> Path:
 def _evaluate_at_current_tp(directory: Path, expected: dict | None, out: Path | None, virtual_stages: int = 1):
     parallel = ParallelConfig(virtual_stages=virtual_stages)
     scores = common.token_scores(directory, state.current(), torch.device("cpu"), parallel, contextlib.nullcontext)
-    task = TaskConfig(seq_len=32, stride=8, batch_size=4)
+    task = WikiTextConfig(seq_len=32, stride=8, batch_size=4)
     results = wikitext103.evaluate(scores, task, {"tokens": TOKENS, "words": 150})
     if out is not None:
         torch.save(results, out)
@@ -166,13 +166,15 @@ def test_a_tp_shard_split_of_the_same_weights_gives_the_same_numbers(tmp_path):
 
 @pytest.mark.skipif(not (SHARED / "wikitext103_test.tokens").is_file(), reason="../shared/data is not present")
 def test_batched_windows_score_bit_identically_to_one_at_a_time_on_the_real_file():
-    (text,) = common.read_texts(TaskConfig(source=str(SHARED / "wikitext103_test.tokens")))
+    (text,) = common.read_texts(WikiTextConfig(source=str(SHARED / "wikitext103_test.tokens")))
     tokens = gpt2(TokenizerConfig(kind="gpt2")).encode(wikitext103.detokenize(text)[:12_000]).ids  # a prefix
     model = GPTModel(ModelConfig(hidden=64, heads=4, layers=2, seq_len=64), seed=0).eval()  # GPT-2's vocabulary
     inputs = {"tokens": tokens, "words": 2_000}
     with single_threaded():
         one, batched = (
-            wikitext103.evaluate(common.TokenScores(model), TaskConfig(seq_len=64, stride=16, batch_size=size), inputs)
+            wikitext103.evaluate(
+                common.TokenScores(model), WikiTextConfig(seq_len=64, stride=16, batch_size=size), inputs
+            )
             for size in (1, 7)
         )
     assert (
