@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import asdict
@@ -29,6 +28,7 @@ from megatron_exp.config import (
     TextTaskConfig,
     check_ranges,
 )
+from megatron_exp.data import files
 from megatron_exp.data import tokenizer as tokenizers
 from megatron_exp.hardware import device_of
 from megatron_exp.models.contract import Batch
@@ -71,8 +71,8 @@ def read_texts(task: TextTaskConfig) -> list[str]:
     if not path.is_file():
         raise ConfigError(f"task.source={task.source} is not a file: give a local file or hub:<dataset name>")
     if path.suffix in (".jsonl", ".json"):
-        return [json.loads(line)[task.text_field] for line in path.read_text(encoding="utf-8").splitlines() if line]
-    return [path.read_bytes().decode("utf-8")]  # whole, newlines untranslated, as the reference reads it
+        return files.read_jsonl(path, "task.source", task.text_field)
+    return [files.read_text(path, "task.source")]  # whole, newlines untranslated, as the reference reads it
 
 
 def prepare(composed: EvalConfig, run_dir: str, joined: bool, build_inputs: Callable) -> RunSpec[EvalConfig]:

@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from megatron_exp import entry
-from megatron_exp.config import LambadaConfig, LambadaEvalConfig
+from megatron_exp.config import ConfigError, LambadaConfig, LambadaEvalConfig
 from megatron_exp.tasks import common
 
 
@@ -98,7 +98,14 @@ def evaluate(scores: common.TokenScores, task: LambadaConfig, inputs: dict, prog
 
 def build_inputs(cfg: LambadaEvalConfig, tokenizer) -> dict:
     texts = common.read_texts(cfg.task)[: cfg.task.max_examples]
-    return {"examples": encode(texts, tokenizer, cfg.task.strict)}
+    examples = encode(texts, tokenizer, cfg.task.strict)
+    for number, (context, _) in enumerate(examples, start=1):
+        if not context:
+            raise ConfigError(
+                f"task.source={cfg.task.source} passage {number} ({texts[number - 1][:40]!r}) has no context before "
+                "its target: each passage needs text before its last word"
+            )
+    return {"examples": examples}
 
 
 @entry.hydra_app("eval_lambada")

@@ -117,7 +117,13 @@ def evaluate(scores: common.TokenScores, task: WikiTextConfig, inputs: dict, pro
 def build_inputs(cfg: WikiTextEvalConfig, tokenizer) -> dict:
     text = "".join(common.read_texts(cfg.task))  # hub rows are lines that keep their newline
     detokenized = DETOKENIZERS[cfg.task.detokenizer](text)
-    return {"tokens": tokenizer.encode(detokenized).ids, "words": word_count(text)}
+    tokens = tokenizer.encode(detokenized).ids
+    if len(tokens) < 2:
+        raise ConfigError(
+            f"task.source={cfg.task.source} holds {len(tokens)} token(s): nothing to score (a target needs a token "
+            "before it); give the WikiText-103 test file"
+        )
+    return {"tokens": tokens, "words": word_count(text)}
 
 
 @entry.hydra_app("eval_wikitext103")
