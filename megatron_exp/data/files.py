@@ -22,6 +22,19 @@ def read_text(path: Path, key: str) -> str:
         ) from None
 
 
+def read_json(path: Path, key: str, fields: tuple[str, ...]) -> dict:
+    """A file holding one JSON object with (at least) `fields`."""
+    text = read_text(path, key)
+    try:
+        item = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{key}: {path} is not valid JSON (line {error.lineno}: {error.msg})") from None
+    missing = [name for name in fields if not isinstance(item, dict) or name not in item]
+    if missing:
+        raise ConfigError(f"{key}: {path} has no field {missing[0]!r}: each file needs {', '.join(fields)}")
+    return item
+
+
 def read_jsonl(path: Path, key: str, field: str | None = None) -> list:
     """The objects of a JSON-lines file (blank lines skipped), or a JSON array file; with `field`, that field of
     each object, which must be a non-empty string."""

@@ -28,6 +28,7 @@ from tokenizers import Tokenizer
 
 from megatron_exp import entry, hardware
 from megatron_exp.config import ConfigError, RaceConfig, RunSpec, check_ranges
+from megatron_exp.data import files
 from megatron_exp.data.bert_dataset import Vocabulary
 from megatron_exp.data.gpt_dataset import SampleOrder
 from megatron_exp.hardware import device_of
@@ -70,7 +71,13 @@ def _from_local(directory: Path, split: str, level: str) -> list[Question]:
         )
     questions = []
     for file in sorted(p for lv in LEVELS if level in ("all", lv) for p in (folder / lv).glob("*.txt")):
-        item = json.loads(file.read_text(encoding="utf-8"))
+        item = files.read_json(file, "task.source", ("article", "questions", "options", "answers"))
+        counts = {name: len(item[name]) for name in ("questions", "options", "answers")}
+        if len(set(counts.values())) != 1 or any(a not in ("A", "B", "C", "D") for a in item["answers"]):
+            raise ConfigError(
+                f"task.source: {file} needs as many questions, option lists and answers (has {counts}), each answer "
+                "one of A, B, C, D"
+            )
         for question, options, answer in zip(item["questions"], item["options"], item["answers"], strict=True):
             questions.append(Question(item["article"], question, options, "ABCD".index(answer), _level_of(file.name)))
     return questions

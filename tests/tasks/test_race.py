@@ -101,6 +101,25 @@ def test_local_race_layout_is_read_with_levels_and_answers(tmp_path):
         read_questions(RaceConfig(checkpoint="x", task=RaceTaskConfig(source=str(tmp_path / "dev"))))
 
 
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", r"is empty"),
+        (b"\x89PNG\r\n", r"is not UTF-8 text"),
+        (b'{"article": "a", "questions": ["q"]', r"is not valid JSON \(line 1"),
+        (b'{"article": "a", "questions": ["q"], "options": [["1", "2", "3", "4"]]}', r"has no field 'answers'"),
+        (b'{"article": "a", "questions": ["q"], "options": [["1", "2", "3", "4"]], "answers": ["E"]}', r"one of A"),
+    ],
+)
+def test_a_bad_race_file_is_one_line_naming_it(tmp_path, content, message):
+    _learnable_race(tmp_path, {"train": 2, "dev": 2, "test": 2}, COLOURS, NUMBERS)
+    bad = next((tmp_path / "train").rglob("*.txt"))
+    bad.write_bytes(content)
+    with pytest.raises(ConfigError, match=message) as error:
+        read_questions(RaceConfig(checkpoint="x", task=RaceTaskConfig(source=str(tmp_path))))
+    assert "task.source" in str(error.value) and bad.name in str(error.value) and "\n" not in str(error.value)
+
+
 BERT_TINY = [
     "model=bert_tiny",
     "data.seq_len=64",
