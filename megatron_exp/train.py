@@ -96,12 +96,17 @@ def _resolve_resume(cfg: Config, run_dir: str) -> tuple[str, str]:
     else:
         directory = checkpoint.require(Path(cfg.resume).expanduser(), "resume")
     meta = checkpoint.read_meta(directory)
-    differ = _differences(cfg, meta)
+    differ = _differences(cfg, meta, layout=False)
+    if meta.get("global_batch", cfg.parallel.global_batch) != cfg.parallel.global_batch:
+        differ.append(f"parallel.global_batch={cfg.parallel.global_batch} (checkpoint: {meta['global_batch']})")
     if differ:
         raise ConfigError(
             f"resume={cfg.resume}: {directory} was saved with another setup: {', '.join(differ)}; pass the run's "
-            "original overrides (see its config.yaml), or convert the checkpoint with python -m megatron_exp.convert"
+            "original overrides (see its config.yaml): only the parallel layout may change on resume"
         )
+    moved = _differences(cfg, meta)
+    if moved:
+        log.info("resume=%s: continuing at another layout: %s", cfg.resume, ", ".join(moved))
     if meta["iteration"] >= cfg.train.iterations:
         raise ConfigError(
             f"resume={cfg.resume}: {directory} is at iteration {meta['iteration']}, already train.iterations="

@@ -25,7 +25,7 @@ from megatron_exp.parallel import random
 from megatron_exp.parallel.mappings import all_reduce_
 from megatron_exp.parallel.pipeline import PipelineLayout, bubble_fraction
 from megatron_exp.parallel.state import ProcessGrid
-from megatron_exp.training import checkpoint, flops
+from megatron_exp.training import checkpoint, flops, reshard
 from megatron_exp.training.grad_sync import GradientSync
 from megatron_exp.training.metrics import MetricSinks
 from megatron_exp.training.optim import DynamicLossScaler, build_optimizer, learning_rate, optimizer_step
@@ -101,9 +101,11 @@ class TrainingLoop:
         resume: str | None = None,
         pipeline: PipelineLayout | None = None,
         schedule: str = "1f1b",
+        seed: int = 0,
     ):
-        """`wandb`: wandb.init arguments (used on global rank 0); `resume`: a checkpoint directory to continue;
-        `pipeline`: the layout of a pipeline of more than one stage, run with `schedule`."""
+        """`wandb`: wandb.init arguments (used on global rank 0); `resume`: a checkpoint directory to continue (at
+        any layout); `pipeline`: the layout of a pipeline of more than one stage, run with `schedule`; `seed`: the
+        run's seed, from which a layout change re-derives the dropout streams."""
         self.work, self.grid, self.model = work, grid, work.model
         self.optimizer_cfg, self.hardware, self.cadence, self.run_dir = optimizer, hardware, cadence, run_dir
         self.device = self.model.device
@@ -117,7 +119,7 @@ class TrainingLoop:
         else:
             self.schedule = MicroBatches(self.model, cast, scale)
         self.layout = pipeline or PipelineLayout(layers=self.model.cfg.layers)
-        self.start_iteration = 0
+        self.start_iteration, self.seed = 0, seed
         if resume:
             self._restore(Path(resume))
         self.stop = StopAgreement(grid.control)
@@ -160,7 +162,13 @@ class TrainingLoop:
         checkpoint.save(self.run_dir, iteration, state, grid.rank, meta, self.cadence.keep)
 
     def _restore(self, directory: Path) -> None:
-        """Continue exactly where the checkpoint left off: weights, optimizer, loss scale, RNG, data position."""
+        """Continue exactly where the checkpoint left off: weights, optimizer, loss scale, RNG, data position (it
+        follows from the iteration and the global batch). Saved at another layout: see `_restore_resharded`."""
+        meta = checkpoint.read_meta(directory)
+        saved = (*checkpoint.layout_of(meta), meta["dp"])
+        if saved != (self.grid.tp.size, self.grid.pp.size, self.layout.virtual, self.grid.dp.size):
+            self._restore_resharded(directory, saved)
+            return
         state = checkpoint.load_rank(directory, self.grid.rank)
         path = checkpoint.rank_file(directory, self.grid.rank)
         checkpoint.load_into(self.model, state["model"], path, "model")
@@ -168,8 +176,29 @@ class TrainingLoop:
         if self.scaler and state["loss_scaler"]:
             self.scaler.load_state_dict(state["loss_scaler"])
         random.set_rng_state(state["rng"], self.device)
-        self.start_iteration = state["iteration"]  # the data position follows from it
+        self.start_iteration = state["iteration"]
         log.info("resumed from %s at iteration %d", directory, self.start_iteration)
+
+    def _restore_resharded(self, directory: Path, saved: tuple[int, int, int, int]) -> None:
+        """The checkpoint's weights and Adam moments merged to serial and cut for this rank's place in the new
+        grid; the loss scale and iteration as saved; the dropout streams re-derived (training/reshard.py)."""
+        weights = checkpoint.load_model_state(directory, self.model, self.grid)
+        checkpoint.load_into(self.model, weights, directory, "model")
+        moments = reshard.shard_optimizer_state(
+            reshard.serial_optimizer_state(directory), self.model, self.optimizer, self.grid
+        )
+        checkpoint.load_into(self.optimizer, moments, directory, "optimizer state")
+        first = checkpoint.load_rank(directory, 0)
+        if self.scaler and first["loss_scaler"]:
+            self.scaler.load_state_dict(first["loss_scaler"])
+        self.start_iteration = first["iteration"]
+        reshard.reseed(self.seed, self.start_iteration, self.grid, self.device)
+        grid = self.grid
+        log.info(
+            "resumed from %s at iteration %d, resharded from tp=%d pp=%d (virtual %d) dp=%d to tp=%d pp=%d "
+            "(virtual %d) dp=%d; dropout streams re-derived",
+            directory, self.start_iteration, *saved, grid.tp.size, grid.pp.size, self.layout.virtual, grid.dp.size,
+        )  # fmt: skip
 
     # --- one step ----------------------------------------------------------------------------------------------
 

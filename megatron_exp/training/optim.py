@@ -14,10 +14,20 @@ from megatron_exp.parallel.sharding import ShardSpec
 from megatron_exp.parallel.state import ProcessGrid
 
 
+def _decayed(param: nn.Parameter) -> bool:
+    return param.dim() > 1  # biases and layernorm parameters are not decayed
+
+
+def optimizer_order(model: nn.Module) -> list[str]:
+    """The names of the parameters in the order of the optimizer's state indices: decayed ones, then the rest."""
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    return [name for name, p in named if _decayed(p)] + [name for name, p in named if not _decayed(p)]
+
+
 def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.AdamW:
     """AdamW; biases and layernorm parameters (every 1-D parameter) are not decayed."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() <= 1]
+    decay = [p for p in model.parameters() if p.requires_grad and _decayed(p)]
+    no_decay = [p for p in model.parameters() if p.requires_grad and not _decayed(p)]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # The fused kernel, on GPU and CPU alike: on this CPU it steps a 25M-parameter model 4x faster than the
     # multi-tensor (foreach) path (21 ms vs 83 ms).

@@ -115,7 +115,8 @@ class Pretraining:
         return record
 
     def checkpoint_meta(self, iteration: int) -> dict:
-        return {}
+        """What a resume at another layout must keep: the global batch (the data position is iteration x it)."""
+        return {"global_batch": self.cfg.parallel.global_batch}
 
 
 def build(spec: RunSpec[Config], grid: ProcessGrid) -> TrainingLoop:
@@ -135,7 +136,7 @@ def build(spec: RunSpec[Config], grid: ProcessGrid) -> TrainingLoop:
     loop = TrainingLoop(
         work, grid, optimizer=cfg.optimizer, hardware=cfg.hardware, cadence=cadence, run_dir=spec.run_dir,
         wandb=spec.wandb if grid.rank == 0 else None, resume=cfg.resume, pipeline=work.layout,
-        schedule=cfg.parallel.schedule,
+        schedule=cfg.parallel.schedule, seed=cfg.train.seed,
     )  # fmt: skip
     if grid.rank == 0:
         log.info(work.describe())

@@ -1,0 +1,80 @@
+"""A training checkpoint carried to another layout: resume at any TP x PP x DP degree.
+
+The canonical form of the training state is serial, as for the weights: every Adam moment has its parameter's
+shape and so its parameter's shard spec, and merges and re-splits the same way. A DP replica holds the same state
+as the others, so replica 0 is read. The tied word embedding's copy on the last pipeline stage takes the same
+steps as the first stage's and is not read; the new layout's last stage gets the first stage's state.
+
+What does not carry over: the dropout streams. They are per TP rank and per stage, and a new layout has other
+ranks and stages, so they are re-derived from the seed, the iteration and the rank's place (`reseed`); with
+dropout off the continued run is the same run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from megatron_exp.models import build_model
+from megatron_exp.parallel import random, state
+from megatron_exp.parallel.pipeline import PipelineLayout
+from megatron_exp.parallel.sharding import merge_state_dicts, shard_specs
+from megatron_exp.parallel.state import ProcessGrid
+from megatron_exp.training import checkpoint
+from megatron_exp.training.optim import optimizer_order
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def _stage_optimizer_states(directory: Path, stage: int, part_model: nn.Module) -> dict[str, dict]:
+    """The serial Adam state of one saved stage's parameters, by name: its TP ranks' moments merged."""
+    meta = checkpoint.read_meta(directory)
+    names = optimizer_order(part_model)
+    specs = shard_specs(part_model)
+    shards = [
+        checkpoint.load_rank(directory, rank)["optimizer"]["state"] for rank in checkpoint.stage_ranks(meta, stage)
+    ]
+    merged = {}
+    for key in MOMENTS:
+        per_rank = [{names[index]: entry[key] for index, entry in shard.items()} for shard in shards]
+        for name, tensor in merge_state_dicts(per_rank, {n: specs[n] for n in per_rank[0]}).items():
+            merged.setdefault(name, {})[key] = tensor
+    for index, entry in shards[0].items():
+        merged[names[index]]["step"] = entry["step"]
+    return merged
+
+
+def serial_optimizer_state(directory: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """Adam's state of the whole model as if trained serially: {parameter name: {step, exp_avg, exp_avg_sq}}."""
+    meta = checkpoint.read_meta(directory)
+    tp, pp, virtual = checkpoint.layout_of(meta)
+    cfg = checkpoint.model_config_of(directory)
+    layout = PipelineLayout(pp, virtual, cfg.layers)
+    serial: dict[str, dict] = {}
+    for stage in range(pp):
+        with torch.device("meta"), state.use(state.virtual(tp, pp=pp, pp_rank=stage)):
+            part_model = build_model(cfg, part=layout.part(stage))
+        for name, entry in _stage_optimizer_states(directory, stage, part_model).items():
+            serial.setdefault(name, entry)  # the first stage's word embedding, not the last stage's copy
+    return serial
+
+
+def shard_optimizer_state(
+    serial: dict[str, dict[str, torch.Tensor]], model: nn.Module, optimizer: torch.optim.Optimizer, grid: ProcessGrid
+) -> dict:
+    """This rank's optimizer state_dict: the serial moments of its parameters, cut to its TP shard."""
+    specs, names = shard_specs(model), optimizer_order(model)
+    entries = {}
+    for index, name in enumerate(names):
+        entry = serial[name]
+        entries[index] = {"step": entry["step"].clone()} | {
+            key: specs[name].shard(entry[key], grid.tp.size, grid.tp.rank, name).clone() for key in MOMENTS
+        }
+    return {"state": entries, "param_groups": optimizer.state_dict()["param_groups"]}
+
+
+def reseed(seed: int, iteration: int, grid: ProcessGrid, device: torch.device) -> None:
+    """Dropout streams for a run continued at another layout, a function of where it continues."""
+    random.seed(seed + 7919 * iteration, grid.tp.rank, device, stage=grid.pp.rank)

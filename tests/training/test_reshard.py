@@ -1,0 +1,98 @@
+"""A run resumed at another TP x PP x DP layout continues the uninterrupted run: the same losses (fp32 rounding,
+dropout off) and Adam moments that are exactly the merged originals."""
+
+import json
+
+import pytest
+import torch
+
+from megatron_exp.config import ConfigError
+from megatron_exp.models.gpt import GPTModel
+from megatron_exp.parallel import state
+from megatron_exp.parallel.pipeline import PipelineLayout
+from megatron_exp.parallel.sharding import ShardSpec
+from megatron_exp.train import _resolve_resume
+from megatron_exp.training import checkpoint
+from megatron_exp.training.optim import optimizer_order
+from tests.distributed import run_on_ranks
+from tests.training.test_checkpoint import build, make_config
+
+RUN = ["model.hidden_dropout=0", "model.attention_dropout=0", "model.layers=4", "train.iterations=10"]
+RUN += ["checkpoint.interval=5", "parallel.global_batch=8", "parallel.micro_batch=2"]
+
+
+def _train(run_dir, cache, overrides, resume=None):
+    cfg = make_config(cache, *RUN, *overrides)
+    cfg.resume = resume
+    build(cfg, run_dir).run()
+
+
+def _losses(run_dir) -> dict[int, float]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return {r["iteration"]: r["train/loss"] for r in map(json.loads, lines) if "train/loss" in r}
+
+
+@pytest.fixture(scope="module")
+def tp2_pp2(tmp_path_factory, shared_cache):
+    """10 iterations at tp=2 x pp=2, a checkpoint at 5."""
+    run_dir = tmp_path_factory.mktemp("tp2pp2")
+    run_on_ranks(4, _train, run_dir, shared_cache, ["parallel.tp=2", "parallel.pp=2"], tp=2, pp=2)
+    return run_dir, checkpoint.checkpoints_root(run_dir) / "iter_0000005"
+
+
+def _resume(tmp_path, tp2_pp2, cache, tp, pp, dp):
+    run_dir, saved = tp2_pp2
+    layout = [f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.dp={dp}"]
+    run_on_ranks(tp * pp * dp, _train, tmp_path, cache, layout, str(saved), tp=tp, pp=pp)
+    resumed, uninterrupted = _losses(tmp_path), _losses(run_dir)
+    assert sorted(resumed) == [6, 7, 8, 9, 10]
+    assert [resumed[i] for i in range(6, 11)] == pytest.approx([uninterrupted[i] for i in range(6, 11)], rel=1e-5)
+
+
+@pytest.mark.parametrize("tp, pp, dp", [(1, 1, 2), pytest.param(4, 1, 1, marks=pytest.mark.slow),
+                                        pytest.param(1, 4, 1, marks=pytest.mark.slow)])  # fmt: skip
+def test_a_run_resumed_at_another_layout_continues_the_uninterrupted_run(tmp_path, shared_cache, tp2_pp2, tp, pp, dp):
+    _resume(tmp_path, tp2_pp2, shared_cache, tp, pp, dp)
+
+
+def test_the_resumed_adam_moments_are_the_merged_originals_exactly(tmp_path, shared_cache, tp2_pp2):
+    """At tp=1 x pp=1 every moment is its tp=2 x pp=2 shards concatenated along the parameter's split dimension
+    (vocabulary padding trimmed), taken from the stage that holds it."""
+    _, saved = tp2_pp2
+    cfg = make_config(shared_cache, *RUN)
+    cfg.resume = str(saved)
+    loop = build(cfg, tmp_path)
+    assert loop.start_iteration == 5
+    names = optimizer_order(loop.model)
+    resumed = {names[i]: entry for i, entry in loop.optimizer.state_dict()["state"].items()}
+    serial = GPTModel(loop.model.cfg)
+    specs = {name: ShardSpec.of(p) for name, p in serial.named_parameters()}
+    originals = {}
+    for stage, ranks in enumerate([[0, 1], [2, 3]]):  # (pp, dp, tp) order: stage 0 is ranks 0, 1
+        with torch.device("meta"), state.use(state.virtual(2, pp=2, pp_rank=stage)):
+            part = GPTModel(loop.model.cfg, part=PipelineLayout(2, 1, 4).part(stage))
+        order = optimizer_order(part)
+        shards = [checkpoint.load_rank(saved, r)["optimizer"]["state"] for r in ranks]
+        for index, name in enumerate(order):
+            originals.setdefault(name, [shard[index] for shard in shards])  # stage 0's word embedding first
+    assert set(originals) == set(resumed) == set(names)
+    for name, shards in originals.items():
+        spec = specs[name]
+        for key in ("exp_avg", "exp_avg_sq"):
+            pieces = [s[key] for s in shards]
+            whole = pieces[0] if spec.dim is None else torch.cat(pieces, dim=spec.dim)
+            if spec.vocab_size is not None:
+                whole = whole.narrow(spec.dim, 0, resumed[name][key].shape[spec.dim])
+            assert torch.equal(resumed[name][key], whole), f"{key} of {name}"
+        assert torch.equal(resumed[name]["step"], shards[0]["step"])
+
+
+def test_a_changed_model_or_global_batch_is_still_refused_in_one_line(tmp_path, shared_cache, tp2_pp2):
+    _, saved = tp2_pp2
+    for override, named in (("model.hidden=128", "model.hidden=128 (checkpoint: 64)"),
+                            ("parallel.global_batch=16", "parallel.global_batch=16 (checkpoint: 8)")):  # fmt: skip
+        cfg = make_config(shared_cache, *RUN, override)
+        cfg.resume = str(saved)
+        with pytest.raises(ConfigError, match="only the parallel layout may change") as error:
+            _resolve_resume(cfg, str(tmp_path))
+        assert named in str(error.value) and "\n" not in str(error.value)
