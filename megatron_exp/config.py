@@ -332,7 +332,10 @@ class ConvertConfig(Schema):
     tp: int = checked(1, **POSITIVE)  # TP degree of the output (to=megatron)
     pp: int = checked(1, **POSITIVE)  # pipeline stages of the output (to=megatron)
     virtual_stages: int = checked(1, **POSITIVE)  # chunks per stage of the output (an interleaved schedule's)
+    dp: int = checked(1, **POSITIVE)  # DP replicas of the output (a training checkpoint's full state, each a copy)
     output: str = "???"  # the output directory (megatron: a run directory with checkpoints/; hf: save_pretrained)
+    # convert the output back to the source's layout and compare every tensor of the training state with it
+    verify: bool = False
 
 
 @dataclass

@@ -1,12 +1,16 @@
-"""`python -m megatron_exp.convert`: reshard a checkpoint to another TP degree, or move GPT-2 weights to and
-from the Hugging Face `transformers` layout. Every path goes through the serial (TP=1) state dict: merge the
-shards, convert or re-split, save. Weights and the tokenizer travel (tokenizer.json beside the output, for the
-evaluations; to=hf also writes what GPT2TokenizerFast loads); the optimizer state does not.
+"""`python -m megatron_exp.convert`: reshard a checkpoint to another TP x PP (x DP) layout, or move GPT-2 weights
+to and from the Hugging Face `transformers` layout. Every path goes through the serial (TP=1) state dict: merge
+the shards, convert or re-split, save. The tokenizer travels (tokenizer.json beside the output, for the
+evaluations; to=hf also writes what GPT2TokenizerFast loads). A training checkpoint keeps its whole training
+state (training/reshard.py): Adam's moments, the loss scale, the iteration; the dropout streams of each layout the
+checkpoint has been converted from are kept with it, so converting back restores them bit for bit, and a layout
+it has never been at gets them re-derived when training resumes.
 """
 
 from __future__ import annotations
 
 import logging
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -18,9 +22,10 @@ from megatron_exp import entry
 from megatron_exp.config import ConfigError, ConvertConfig, ModelConfig, TokenizerConfig, check_ranges
 from megatron_exp.data import tokenizer as tokenizers
 from megatron_exp.models import build_model, hf_gpt2
+from megatron_exp.parallel import state
 from megatron_exp.parallel.pipeline import ModelPart, PipelineLayout
 from megatron_exp.parallel.sharding import shard_specs, split_state_dict
-from megatron_exp.training import checkpoint
+from megatron_exp.training import checkpoint, reshard
 
 log = logging.getLogger("megatron_exp.convert")
 
@@ -113,6 +118,20 @@ def convert(cfg: ConvertConfig) -> Path:
             f"pp x virtual_stages = {cfg.pp} x {cfg.virtual_stages} does not divide the model's {model_cfg.layers} "
             "layers: every chunk needs the same number of layers"
         )
+    directory = _training_checkpoint(cfg.source)
+    if directory is None:
+        if cfg.dp > 1 or cfg.verify:
+            raise ConfigError(f"dp= and verify= convert training checkpoints; {cfg.source} holds weights only")
+        return _write_weights(cfg, serial, model_cfg, layout, tokenizer)
+    written = _write_training_state(cfg, directory, serial, model_cfg, layout)
+    if tokenizer is not None:
+        tokenizer.save(str(output / "tokenizer.json"))  # where the evaluations look for it
+    if cfg.verify:
+        _verify(directory, written)
+    return written
+
+
+def _write_weights(cfg, serial, model_cfg, layout, tokenizer) -> Path:
     shards = []  # global rank order: stage-major, TP inside (one DP replica)
     for stage in range(cfg.pp):
         specs = shard_specs(_meta_model(model_cfg, layout.part(stage)))
@@ -121,11 +140,100 @@ def convert(cfg: ConvertConfig) -> Path:
         "tp": cfg.tp, "pp": cfg.pp, "virtual_stages": cfg.virtual_stages, "dp": 1, "model": asdict(model_cfg),
         "source": cfg.source, "weights_only": True,
     }  # fmt: skip
+    output = Path(cfg.output)
     directory = checkpoint.save_all(output, 0, [{"iteration": 0, "model": shard} for shard in shards], meta)
     if tokenizer is not None:
         tokenizer.save(str(output / "tokenizer.json"))  # where the evaluations look for it
     log.info("saved %s as %d TP x %d pipeline shards to %s", cfg.source, cfg.tp, cfg.pp, directory)
     return directory
+
+
+def _training_checkpoint(source: str) -> Path | None:
+    """The checkpoint directory of `source` if it holds a training state (not converted weights only)."""
+    if _hugging_face_name(source) is not None:
+        return None
+    directory = checkpoint.resolve(source)
+    meta = checkpoint.read_meta(directory)
+    return None if meta.get("weights_only") else directory
+
+
+def layout_key(tp: int, pp: int, virtual: int, dp: int) -> str:
+    return f"tp{tp}_pp{pp}_v{virtual}_dp{dp}"
+
+
+def _write_training_state(cfg: ConvertConfig, directory: Path, serial: dict, model_cfg, layout) -> Path:
+    """Every rank's training state at the output layout, in global rank order (pp, dp, tp)."""
+    meta = checkpoint.read_meta(directory)
+    first = checkpoint.load_rank(directory, 0)
+    carried = dict(first.get("rng_by_layout") or {})
+    carried[layout_key(*checkpoint.layout_of(meta), meta["dp"])] = [
+        checkpoint.load_rank(directory, rank)["rng"] for rank in range(meta["world_size"])
+    ]
+    target = layout_key(cfg.tp, cfg.pp, cfg.virtual_stages, cfg.dp)
+    moments = reshard.serial_optimizer_state(directory)
+    groups = first["optimizer"]["param_groups"]
+    states = []
+    for stage in range(cfg.pp):
+        with state.use(state.virtual(cfg.tp, pp=cfg.pp, pp_rank=stage)):
+            part = _meta_model(model_cfg, layout.part(stage))
+        specs = shard_specs(part)
+        for _ in range(cfg.dp):
+            for tp_rank in range(cfg.tp):
+                tp = state.Group(size=cfg.tp, rank=tp_rank)
+                model = {name: specs[name].shard(serial[name], cfg.tp, tp_rank, name).clone() for name in specs}
+                rank = len(states)
+                states.append({
+                    "iteration": first["iteration"],
+                    "model": model,
+                    "optimizer": reshard.shard_optimizer_state(moments, part, tp, groups),
+                    "loss_scaler": first["loss_scaler"],
+                    "rng": carried[target][rank] if target in carried else None,
+                })  # fmt: skip
+    states[0]["rng_by_layout"] = {key: rngs for key, rngs in carried.items() if key != target}
+    new_meta = {**meta, "tp": cfg.tp, "pp": cfg.pp, "virtual_stages": cfg.virtual_stages, "dp": cfg.dp,
+                "world_size": len(states), "source": cfg.source}  # fmt: skip
+    written = checkpoint.save_all(Path(cfg.output), first["iteration"], states, new_meta)
+    log.info(
+        "saved the training state of %s (iteration %d) at tp=%d pp=%d (virtual %d) dp=%d to %s%s",
+        directory, first["iteration"], cfg.tp, cfg.pp, cfg.virtual_stages, cfg.dp, written,
+        "" if target in carried else "; its dropout streams are re-derived when training resumes",
+    )  # fmt: skip
+    return written
+
+
+def state_differences(a, b, where: str) -> list[str]:
+    """Where two saved states differ (tensors bit for bit)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        same = isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+        return [] if same and a.dtype == b.dtype and torch.equal(a, b) else [where]
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = sorted(set(a) | set(b), key=str)
+        return [d for k in keys for d in state_differences(a.get(k), b.get(k), f"{where}.{k}")]
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple) and len(a) == len(b):
+        return [d for i, (x, y) in enumerate(zip(a, b, strict=True)) for d in state_differences(x, y, f"{where}[{i}]")]
+    return [] if a == b else [where]
+
+
+def _verify(source: Path, written: Path) -> None:
+    """Convert `written` back to the layout of `source` and compare every rank's whole state with the source's."""
+    meta = checkpoint.read_meta(source)
+    tp, pp, virtual = checkpoint.layout_of(meta)
+    with tempfile.TemporaryDirectory() as scratch:
+        back_cfg = ConvertConfig(source=str(written), tp=tp, pp=pp, virtual_stages=virtual, dp=meta["dp"],
+                                 output=scratch)  # fmt: skip
+        back = _write_training_state(back_cfg, written, *_load_source(str(written))[:2],
+                                     PipelineLayout(pp, virtual, meta["model"]["layers"]))  # fmt: skip
+        differ = []
+        for rank in range(meta["world_size"]):
+            original, returned = checkpoint.load_rank(source, rank), checkpoint.load_rank(back, rank)
+            original.pop("rng_by_layout", None), returned.pop("rng_by_layout", None)
+            differ += state_differences(original, returned, f"rank {rank}")
+    if differ:
+        raise ConfigError(
+            f"verify=true: converting {written} back to the source's layout differs from {source} in "
+            f"{len(differ)} place(s), e.g. {', '.join(differ[:5])}"
+        )
+    log.info("verify=true: %s converted back equals %s in every tensor of every rank", written, source)
 
 
 def _meta_model(cfg: ModelConfig, part: ModelPart) -> torch.nn.Module:

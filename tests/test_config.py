@@ -126,7 +126,7 @@ OUT_OF_RANGE = {
     LoggerConfig: {"init_timeout_s": 0},
     TrainConfig: {"iterations": 0, "log_interval": 0, "eval_interval": -1, "eval_iters": 0, "seed": -1},
     CheckpointConfig: {"interval": -1, "keep": -1},
-    ConvertConfig: {"tp": 0, "pp": 0, "virtual_stages": 0},
+    ConvertConfig: {"tp": 0, "pp": 0, "virtual_stages": 0, "dp": 0},
     WikiTextConfig: {"seq_len": 0, "stride": 0, "batch_size": 0},
     LambadaConfig: {"seq_len": 0, "batch_size": 0, "max_examples": 0},
     RaceTaskConfig: {"seq_len": 0, "max_qa_len": 0, "epochs": 0, "warmup_fraction": 1.5, "max_questions": 0},

@@ -175,8 +175,11 @@ class TrainingLoop:
         checkpoint.load_into(self.optimizer, state["optimizer"], path, "optimizer state")
         if self.scaler and state["loss_scaler"]:
             self.scaler.load_state_dict(state["loss_scaler"])
-        random.set_rng_state(state["rng"], self.device)
         self.start_iteration = state["iteration"]
+        if state["rng"] is None:  # converted from another layout without this one's streams
+            reshard.reseed(self.seed, self.start_iteration, self.grid, self.device)
+        else:
+            random.set_rng_state(state["rng"], self.device)
         log.info("resumed from %s at iteration %d", directory, self.start_iteration)
 
     def _restore_resharded(self, directory: Path, saved: tuple[int, int, int, int]) -> None:
@@ -184,8 +187,9 @@ class TrainingLoop:
         grid; the loss scale and iteration as saved; the dropout streams re-derived (training/reshard.py)."""
         weights = checkpoint.load_model_state(directory, self.model, self.grid)
         checkpoint.load_into(self.model, weights, directory, "model")
+        groups = self.optimizer.state_dict()["param_groups"]
         moments = reshard.shard_optimizer_state(
-            reshard.serial_optimizer_state(directory), self.model, self.optimizer, self.grid
+            reshard.serial_optimizer_state(directory), self.model, self.grid.tp, groups
         )
         checkpoint.load_into(self.optimizer, moments, directory, "optimizer state")
         first = checkpoint.load_rank(directory, 0)

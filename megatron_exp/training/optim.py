@@ -18,10 +18,16 @@ def _decayed(param: nn.Parameter) -> bool:
     return param.dim() > 1  # biases and layernorm parameters are not decayed
 
 
-def optimizer_order(model: nn.Module) -> list[str]:
-    """The names of the parameters in the order of the optimizer's state indices: decayed ones, then the rest."""
+def optimizer_groups(model: nn.Module) -> tuple[list[str], list[str]]:
+    """The names of the parameters in the optimizer's two groups: decayed, not decayed."""
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    return [name for name, p in named if _decayed(p)] + [name for name, p in named if not _decayed(p)]
+    return [name for name, p in named if _decayed(p)], [name for name, p in named if not _decayed(p)]
+
+
+def optimizer_order(model: nn.Module) -> list[str]:
+    """The names of the parameters in the order of the optimizer's state indices."""
+    decayed, rest = optimizer_groups(model)
+    return decayed + rest
 
 
 def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.AdamW:

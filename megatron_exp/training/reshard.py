@@ -21,9 +21,9 @@ from megatron_exp.models import build_model
 from megatron_exp.parallel import random, state
 from megatron_exp.parallel.pipeline import PipelineLayout
 from megatron_exp.parallel.sharding import merge_state_dicts, shard_specs
-from megatron_exp.parallel.state import ProcessGrid
+from megatron_exp.parallel.state import Group, ProcessGrid
 from megatron_exp.training import checkpoint
-from megatron_exp.training.optim import optimizer_order
+from megatron_exp.training.optim import optimizer_groups, optimizer_order
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -61,18 +61,27 @@ def serial_optimizer_state(directory: Path) -> dict[str, dict[str, torch.Tensor]
     return serial
 
 
+def param_groups_for(model: nn.Module, template: list[dict]) -> list[dict]:
+    """The optimizer's param_groups entry for `model` (this rank's parameters), hyperparameters from `template`
+    (any rank's saved groups: decayed, then not decayed)."""
+    decayed, rest = optimizer_groups(model)
+    indices = [range(len(decayed)), range(len(decayed), len(decayed) + len(rest))]
+    return [{**group, "params": list(ids)} for group, ids in zip(template, indices, strict=True)]
+
+
 def shard_optimizer_state(
-    serial: dict[str, dict[str, torch.Tensor]], model: nn.Module, optimizer: torch.optim.Optimizer, grid: ProcessGrid
+    serial: dict[str, dict[str, torch.Tensor]], model: nn.Module, tp: Group, param_groups: list[dict]
 ) -> dict:
-    """This rank's optimizer state_dict: the serial moments of its parameters, cut to its TP shard."""
-    specs, names = shard_specs(model), optimizer_order(model)
+    """The optimizer state_dict of `model` (one rank's TP shard of its stage): the serial moments of its
+    parameters, cut to its TP shard."""
+    specs = shard_specs(model)
     entries = {}
-    for index, name in enumerate(names):
+    for index, name in enumerate(optimizer_order(model)):
         entry = serial[name]
         entries[index] = {"step": entry["step"].clone()} | {
-            key: specs[name].shard(entry[key], grid.tp.size, grid.tp.rank, name).clone() for key in MOMENTS
+            key: specs[name].shard(entry[key], tp.size, tp.rank, name).clone() for key in MOMENTS
         }
-    return {"state": entries, "param_groups": optimizer.state_dict()["param_groups"]}
+    return {"state": entries, "param_groups": param_groups_for(model, param_groups)}
 
 
 def reseed(seed: int, iteration: int, grid: ProcessGrid, device: torch.device) -> None:
