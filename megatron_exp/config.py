@@ -403,8 +403,10 @@ class RaceTaskConfig(Schema):
     # (json with article, questions, options, answers)
     source: str = "hub:ehovy/race"
     level: str = checked("all", choices=("all", "middle", "high"))  # the hub dataset's configuration
-    seq_len: int = checked(512, **POSITIVE)  # tokens per [CLS] qa [SEP] article [SEP] sequence
-    max_qa_len: int = checked(128, **POSITIVE)  # question + option tokens kept
+    # tokens per [CLS] qa [SEP] article [SEP] sequence; None: the checkpoint's model.seq_len (the paper's 512)
+    seq_len: int | None = checked(None, **POSITIVE)
+    # question + option tokens kept; None: a quarter of seq_len (the paper's 128 of 512)
+    max_qa_len: int | None = checked(None, **POSITIVE)
     epochs: int = checked(3, **POSITIVE)
     warmup_fraction: float = checked(0.06, **PROBABILITY)  # of all optimizer steps; sets optimizer.warmup_iters
     max_questions: int | None = checked(None, **POSITIVE)  # per split: only the first N (quick checks)

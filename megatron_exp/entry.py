@@ -25,10 +25,10 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from megatron_exp import launch
+from megatron_exp import console, launch
 from megatron_exp.config import ConfigError, RunSpec, from_composed, register_schemas, unknown_key
 from megatron_exp.parallel.state import ProcessGrid
-from megatron_exp.training.metrics import write_json
+from megatron_exp.training.metrics import wandb_pointer, write_json
 from megatron_exp.training.stop import Interrupted
 
 log = logging.getLogger("megatron_exp")
@@ -113,8 +113,9 @@ def composition_error(error: Exception) -> str:
 
 
 def _fail(code: int, message: str) -> None:
-    """One line; a sweep goes on past a failed job (recorded in its failed.json), a single run exits."""
-    log.error("error: %s", message)
+    """The error (one line per problem); a sweep goes on past a failed job (recorded in its failed.json), a single
+    run exits."""
+    log.error("%s", message)
     if HydraConfig.get().mode == RunMode.MULTIRUN:
         record = {"failed": True, "exit_code": code, "error": message}
         write_json(Path(HydraConfig.get().runtime.output_dir) / "failed.json", record)
@@ -139,15 +140,18 @@ def run(
         if joined:
             launch.init_joined_job(cfg.hardware, cfg.parallel)
             run_dir = launch.agree_on_run_dir(run_dir)
+            console.setup_rank(int(os.environ["RANK"]), _log_file(run_dir), spawned=False)
         spec = prepare(cfg, run_dir, joined)
     except ConfigError as error:
         return _fail(EXIT_BAD_INPUT, str(error))
     except KeyboardInterrupt:
         log.error("interrupted before any worker started (SIGINT)")
         sys.exit(128 + signal.SIGINT)
+    log_file = _log_file(spec.run_dir)
+    console.log_to(log_file)  # a resumed run's directory is not the one Hydra made for this invocation
     log.info("run directory: %s", spec.run_dir)
     try:
-        result = launch.run(spec, work)
+        result = launch.run(spec, work, log_file)
     except launch.WorkerFailed as error:
         return _fail(EXIT_FAILED, str(error))
     except Interrupted as stopped:
@@ -165,8 +169,16 @@ def run(
         return None
     if report:
         result = report(spec, result)
-    write_json(Path(spec.run_dir) / "results.json", result)
+    results = Path(spec.run_dir) / "results.json"
+    write_json(results, result)
+    log.info("results: %s%s", results, wandb_pointer(spec.wandb))
     return result
+
+
+def _log_file(run_dir: str) -> Path:
+    """The run's log: the launching process's (Hydra names it after the entry point, e.g. train.log), which rank 0
+    appends to."""
+    return Path(run_dir) / f"{HydraConfig.get().job.name}.log"
 
 
 def run_here(raw: DictConfig, schema: type, body: Callable) -> object:

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException, Std
+from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, LogsDest, SignalException, Std
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-from megatron_exp import failures
+from megatron_exp import console, failures
 from megatron_exp.config import HardwareConfig, ParallelConfig, RunSpec
 from megatron_exp.hardware import keep_freed_cpu_memory
 from megatron_exp.parallel import state
@@ -69,16 +69,6 @@ def joins_existing_job() -> bool:
         os.environ.update(slurm_environment(dict(os.environ)))
         return True
     return False
-
-
-def _setup_worker_logging(rank: int) -> None:
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        format=f"[rank {rank}] %(asctime)s %(levelname)s %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stdout,
-        force=True,
-    )
 
 
 def start_worker(hardware: HardwareConfig, parallel: ParallelConfig) -> ProcessGrid:
@@ -125,24 +115,29 @@ def _teardown_together(grid: ProcessGrid, cfg) -> None:
 
 
 @record
-def _spawned_worker(work: Callable[[RunSpec, ProcessGrid], dict | None], spec: RunSpec) -> dict | None:
+def _spawned_worker(
+    work: Callable[[RunSpec, ProcessGrid], dict | None], spec: RunSpec, log_file: Path | None
+) -> dict | None:
     """A worker spawned by `spawn`; @record passes its exception back to the launcher."""
     rank = int(os.environ["RANK"])
-    _setup_worker_logging(rank)
+    console.setup_rank(rank, log_file, spawned=True)
     # Every rank says where it runs, so a stuck or killed rank can be found (logs/<job>/attempt_0/<rank>/).
-    print(f"[rank {rank}] pid {os.getpid()} on {socket.gethostname()}", flush=True)
+    log.info("rank %d of %s: pid %d on %s", rank, os.environ["WORLD_SIZE"], os.getpid(), socket.gethostname())
     try:
         return run_rank(work, spec)
     except stop.Interrupted as stopped:
         sys.exit(stopped.exit_code)  # a stop, not an error: no error file, and the launcher reports the signal
 
 
-def run(spec: RunSpec, work: Callable[[RunSpec, ProcessGrid], dict | None]) -> dict | None:
+def run(
+    spec: RunSpec, work: Callable[[RunSpec, ProcessGrid], dict | None], log_file: Path | None = None
+) -> dict | None:
     """`work(spec, grid)` on every rank of the job: this process as one rank of its torchrun/SLURM job, or
-    `spec.workers` processes spawned on this node. Returns global rank 0's result (None on the other ranks)."""
+    `spec.workers` processes spawned on this node, rank 0 appending its log to `log_file`. Returns global rank 0's
+    result (None on the other ranks)."""
     if spec.joined:
         return run_rank(work, spec)
-    return spawn(_spawned_worker, (work, spec), spec.workers, spec.run_dir)
+    return spawn(_spawned_worker, (work, spec, log_file), spec.workers, spec.run_dir)
 
 
 class WorkerFailed(RuntimeError):
@@ -154,6 +149,7 @@ def spawn(entry: Callable, args: tuple, workers: int, run_dir: str | Path):
 
     `entry` must be a module-level function (it is pickled into each worker)."""
     logs = Path(run_dir) / "logs"
+    echo = console.Echo()
     launch = LaunchConfig(
         min_nodes=1,
         max_nodes=1,
@@ -164,13 +160,15 @@ def spawn(entry: Callable, args: tuple, workers: int, run_dir: str | Path):
         max_restarts=0,
         monitor_interval=0.5,
         start_method="spawn",
-        logs_specs=DefaultLogsSpecs(log_dir=str(logs), tee=Std.ALL),  # each rank's output: console + file
+        logs_specs=_EchoedLogs(logs, echo),
     )
     # The agent would dump each failed worker's traceback again; it is already on the console and in the logs.
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
     logging.getLogger("torch.distributed.elastic.agent.server.api").setLevel(logging.ERROR)  # we report signals
+    log.info("starting %d worker%s; each one's output is kept under %s", workers, "s" if workers > 1 else "", logs)
     try:
-        results = elastic_launch(launch, entry)(*args)
+        with echo:
+            results = elastic_launch(launch, entry)(*args)
     except SignalException as received:  # this process was signalled; the workers have stopped (or been killed)
         raise stop.Interrupted(received.sigval, *_interrupted_at(run_dir)) from None
     except ChildFailedError as failure:
@@ -179,6 +177,21 @@ def spawn(entry: Callable, args: tuple, workers: int, run_dir: str | Path):
             raise stop.Interrupted(first.exitcode - 128, *_interrupted_at(run_dir)) from None
         raise WorkerFailed(f"{failures.root_cause(failure, workers)} (logs: {logs})") from None
     return results[0]
+
+
+class _EchoedLogs(DefaultLogsSpecs):
+    """Each rank's stdout and stderr go to its files (logs/<job>/attempt_0/<rank>/), which `echo` shows on this
+    console: torch's own tee would put a `[default_role<r>]:` prefix before every line."""
+
+    def __init__(self, log_dir: Path, echo: console.Echo):
+        super().__init__(log_dir=str(log_dir), redirects=Std.ALL)
+        self.echo = echo
+
+    def reify(self, envs: dict[int, dict[str, str]]) -> LogsDest:
+        files = super().reify(envs)
+        for local_rank, env in envs.items():
+            self.echo.add(int(env["RANK"]), files.stdouts.get(local_rank), files.stderrs.get(local_rank))
+        return files
 
 
 def _interrupted_at(run_dir: str | Path) -> tuple[int | None, str | None]:

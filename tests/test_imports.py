@@ -11,10 +11,11 @@ PACKAGE = Path(__file__).resolve().parents[1] / "megatron_exp"
 # not listed, and tasks/) may import anything.
 ALLOWED = {
     "parallel": {"parallel"},
-    "data": {"config", "data"},
+    "data": {"config", "console", "data"},
     "models": {"config", "parallel", "models"},
     "training": {"config", "hardware", "parallel", "data", "models", "training"},
     "config": set(),
+    "console": set(),
     "hardware": {"config"},
 }
 

@@ -1,5 +1,6 @@
 """Faults in a spawned job: one worker killed with SIGKILL ends the whole job, quickly and cleanly."""
 
+import logging
 import os
 import re
 import signal
@@ -8,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from megatron_exp import launch
+from megatron_exp.config import Config, HardwareConfig, ParallelConfig, RunSpec
 from tests.test_train import TINY, _start, _wait_for, records
 
 
@@ -17,10 +20,10 @@ def _descendants(pid: int) -> set[int]:
 
 
 def _worker_pids(run_dir: Path) -> dict[int, int]:
-    """{rank: pid} from the line each worker prints first into its log."""
+    """{rank: pid} from the line each worker logs first into its stdout (logs/<job>/attempt_0/<rank>/)."""
     pids = {}
     for log in run_dir.glob("logs/*/attempt_0/*/stdout.log"):
-        match = re.search(r"\[rank (\d+)\] pid (\d+) on ", log.read_text())
+        match = re.search(r"rank (\d+) of \d+: pid (\d+) on ", log.read_text())
         if match:
             pids[int(match[1])] = int(match[2])
     return pids
@@ -57,6 +60,30 @@ def test_killing_one_worker_ends_every_process_and_names_the_rank(tmp_path, shar
     assert not [pid for pid in everything if _alive(pid)], "orphan processes remain"
 
 
+def _chatty(spec, grid):
+    """Every rank logs a line; rank 1 also warns."""
+    log = logging.getLogger("megatron_exp.test")
+    log.info("rank %d at work", grid.rank)
+    if grid.rank == 1:
+        log.warning("rank 1 is slow")
+    return {"done": True}
+
+
+def test_a_spawned_job_shows_one_prefix_per_line_and_rank_0_appends_to_the_run_log(tmp_path, capsys):
+    cfg = Config(hardware=HardwareConfig(name="cpu", device="cpu", backend="gloo", precision="fp32"),
+                 parallel=ParallelConfig(dp=2))  # fmt: skip
+    log_file = tmp_path / "train.log"
+    log_file.write_text("12:00:00 run directory: ...\n")  # what the launching process logged first
+    assert launch.run(RunSpec(cfg, str(tmp_path), workers=2), _chatty, log_file) == {"done": True}
+    out, err = capsys.readouterr()
+    clock = r"\d\d:\d\d:\d\d"
+    assert re.fullmatch(rf"{clock} rank 0 of 2: pid \d+ on .+\n{clock} rank 0 at work\n", out), out  # rank 0: plain
+    assert re.fullmatch(rf"\[rank 1\] {clock} warning: rank 1 is slow\n", err), err  # another rank: what matters
+    assert log_file.read_text().splitlines()[1:] == out.splitlines()  # rank 0's lines, after the launcher's
+    (rank1,) = tmp_path.glob("logs/*/attempt_0/1/stdout.log")
+    assert re.search(rf"\[rank 1\] {clock} rank 1 at work", rank1.read_text())  # the rest is in its own file
+
+
 def test_ranks_started_by_slurm_get_torch_distributed_variables():
     from megatron_exp.launch import first_host, slurm_environment
 
@@ -71,8 +98,6 @@ def test_ranks_started_by_slurm_get_torch_distributed_variables():
 
 
 def test_a_multi_task_slurm_job_is_joined_and_a_single_task_spawns(monkeypatch):
-    from megatron_exp import launch
-
     # A private environment for the test: joining writes torch.distributed's variables into it.
     monkeypatch.setattr(launch.os, "environ", {"SLURM_NTASKS": "1", "SLURM_PROCID": "0"})
     assert launch.joins_existing_job() is False  # e.g. an interactive srun of one task: spawn workers here

@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import matplotlib.image
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+CLOCK = r"\d\d:\d\d:\d\d"
 TINY = [
     "model=gpt_tiny",
     "model.hidden_dropout=0",
@@ -51,6 +53,7 @@ def test_training_end_to_end_at_tp1_and_tp2(tmp_path, shared_cache):
         output = done.stdout + done.stderr
         assert "MFU" in output and "ppl" in output and "valid loss" in output
 
+        _assert_clean_console(done, run_dir, iterations=40)
         assert f"tp: {tp}" in (run_dir / "config.yaml").read_text()  # the resolved config
         assert sorted(p.name for p in (run_dir / "logs").rglob("stdout.log"))  # every rank's output kept
         offline_runs = list((run_dir / "wandb").glob("offline-run-*"))
@@ -67,6 +70,25 @@ def test_training_end_to_end_at_tp1_and_tp2(tmp_path, shared_cache):
 
     for step, (serial, parallel) in enumerate(zip(losses[1][:5], losses[2][:5], strict=True), start=1):
         assert parallel == pytest.approx(serial, rel=1e-5, abs=1e-5), f"TP=2 differs from TP=1 at step {step}"
+
+
+def _assert_clean_console(done: subprocess.CompletedProcess, run_dir: Path, iterations: int) -> None:
+    """One prefix per line (a time, and a rank only on other ranks' lines), no carriage returns, every training line
+    with its elapsed time and ETA, a last line pointing at the results and the W&B run, and train.log holding rank
+    0's lines as the console shows them."""
+    lines = (done.stdout + done.stderr).splitlines()
+    doubled = [line for line in lines if re.match(rf"(\[rank \d+\] )?{CLOCK} (\[rank|{CLOCK})", line)]
+    assert not doubled and "[default_role" not in done.stdout + done.stderr and "\r" not in done.stdout, doubled
+    logged = [line for line in lines if re.match(rf"{CLOCK} iter ", line)]
+    assert len(logged) >= iterations and all(" | elapsed " in line for line in logged)
+    assert all(" | ETA " in line for line in logged if f" {iterations}/{iterations} " not in line)
+    last = done.stdout.splitlines()[-1]
+    results, runs = re.escape(str(run_dir / "results.json")), re.escape(str(run_dir / "wandb" / "offline-run-"))
+    pointer = rf"{CLOCK} results: {results} \| W&B \(offline\), upload with: wandb sync {runs}\S+"
+    assert re.fullmatch(pointer, last), last
+    log = (run_dir / "train.log").read_text().splitlines()
+    assert [line for line in log if re.match(rf"{CLOCK} iter ", line)] == logged  # rank 0's lines, from its process
+    assert any("run directory:" in line for line in log) and log[-1] == last  # and the launching process's
 
 
 def test_a_failing_worker_stops_the_job_with_its_error(tmp_path, shared_cache):

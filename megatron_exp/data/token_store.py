@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -27,6 +28,7 @@ import pyarrow.compute as pc
 from datasets import Dataset
 from tokenizers import Tokenizer
 
+from megatron_exp import console
 from megatron_exp.config import DataConfig
 from megatron_exp.data import corpus, tokenizer
 
@@ -97,7 +99,7 @@ def _write_tokens(docs: Dataset, encode, dtype: np.dtype, out: Path, num_proc: i
             batched=True,
             remove_columns=["text"],
             num_proc=num_proc if num_proc > 1 else None,
-            desc="tokenizing",
+            desc=f"tokenizing {out.stem}",
         )
     finally:
         if not bars_were_off:
@@ -126,8 +128,16 @@ def prepare(cfg: DataConfig, by_sentence: bool = False) -> Path:
         log.info("data: using cached tokens at %s", path)
         return path
     log.info("data: building %s from %s (once; later runs reuse it)", path, cfg.source)
+    with console.library_bars_as_lines():  # datasets' bars (reading, tokenizing) in a log file
+        return _build(cfg, by_sentence, path)
+
+
+def _build(cfg: DataConfig, by_sentence: bool, path: Path) -> Path:
     splits = corpus.load_splits(cfg)
+    started = time.monotonic()
     tok = tokenizer.build(cfg.tokenizer, splits["train"]["text"])
+    log.info("data: %s tokenizer of %d entries (%.1f s)", cfg.tokenizer.kind, tok.get_vocab_size(),
+             time.monotonic() - started)  # fmt: skip
     encode = _sentence_encoder(tok) if by_sentence else _document_encoder(tok)
     dtype = token_dtype(cfg.tokenizer.vocab_size)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
+from megatron_exp import console
 from megatron_exp.config import ConfigError, TokenizerConfig
 
 EOD = "<|endoftext|>"
@@ -70,7 +71,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
         vocab_size=vocab_size,
         special_tokens=[EOD],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        show_progress=console.is_terminal(),
     )
     tokenizer.train_from_iterator(texts, trainer)
     return tokenizer
@@ -100,7 +101,7 @@ def wordpiece(cfg: TokenizerConfig, training_texts: Iterable[str]) -> Tokenizer:
         vocab_size=cfg.vocab_size,
         special_tokens=list(BERT_SPECIAL_TOKENS),
         continuing_subword_prefix=CONTINUATION,
-        show_progress=False,
+        show_progress=console.is_terminal(),
     )
     tokenizer.train_from_iterator(training_texts, trainer)
     return tokenizer

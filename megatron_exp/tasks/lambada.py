@@ -16,9 +16,8 @@ from collections import defaultdict
 
 import torch
 from omegaconf import DictConfig
-from tqdm.auto import tqdm
 
-from megatron_exp import entry
+from megatron_exp import console, entry
 from megatron_exp.config import ConfigError, LambadaConfig, LambadaEvalConfig
 from megatron_exp.tasks import common
 
@@ -72,8 +71,8 @@ def evaluate(scores: common.TokenScores, task: LambadaConfig, inputs: dict, prog
     order): the batch size changes nothing this harness computes."""
     examples = inputs["examples"]
     correct, token_losses, passage_losses = 0, [], []
-    for indices in tqdm(batches(examples, task.seq_len, task.batch_size), desc="lambada", disable=not progress,
-                        mininterval=5):  # fmt: skip
+    groups = batches(examples, task.seq_len, task.batch_size)
+    for indices in console.progress(groups, desc="lambada", unit="batches", enabled=progress):
         x, y, mask = (t.to(scores.device) for t in example_batch([examples[i] for i in indices], task.seq_len))
         losses, predictions = scores(x, y)
         losses, hits = losses.double().cpu(), (predictions == y).cpu()

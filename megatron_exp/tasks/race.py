@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,11 +26,12 @@ from datasets import load_dataset
 from omegaconf import DictConfig, OmegaConf
 from tokenizers import Tokenizer
 
-from megatron_exp import entry, hardware
-from megatron_exp.config import ConfigError, RaceConfig, RunSpec, check_ranges
+from megatron_exp import console, entry, hardware
+from megatron_exp.config import ConfigError, ModelConfig, ParallelConfig, RaceConfig, RunSpec, check_ranges
 from megatron_exp.data import files
 from megatron_exp.data.bert_dataset import Vocabulary
 from megatron_exp.data.gpt_dataset import SampleOrder
+from megatron_exp.data.tokenizer import BERT_SPECIAL_TOKENS
 from megatron_exp.hardware import device_of
 from megatron_exp.models.bert import BERTMultipleChoice
 from megatron_exp.models.contract import Batch
@@ -163,7 +164,7 @@ class FineTuning:
     per epoch, accuracy on dev and test after every epoch."""
 
     def __init__(self, cfg: RaceConfig, pretrained: Path, inputs: Mapping[str, str], grid: state.ProcessGrid):
-        self.cfg, self.pretrained = cfg, pretrained
+        self.cfg, self.pretrained, self.shows_progress = cfg, pretrained, grid.rank == 0
         model_cfg = checkpoint.model_config_of(pretrained)
         with torch.device(device_of(cfg.hardware)):
             self.model = BERTMultipleChoice(model_cfg, grid.tp, seed=cfg.seed)
@@ -180,10 +181,11 @@ class FineTuning:
         self.cost = Cost(tokens=sequences * cfg.task.seq_len, model_flops=step_flops, executed_flops=step_flops)
 
     def describe(self) -> str:
-        par = self.cfg.parallel
+        par, task = self.cfg.parallel, self.cfg.task
         return (
             f"RACE: {self.questions} train questions, {self.steps_per_epoch} steps per epoch of {par.global_batch} "
-            f"questions (micro batch {par.micro_batch}), {self.cfg.task.epochs} epochs"
+            f"questions (micro batch {par.micro_batch}), {task.epochs} epochs; sequences of {task.seq_len} tokens, "
+            f"question + option up to {task.max_qa_len}"
         )
 
     def micro_batches(self, iteration: int) -> list[Batch]:
@@ -202,8 +204,8 @@ class FineTuning:
         """Accuracy overall, on middle and on high questions (None for a level with no questions)."""
         self.model.eval()
         data, micro = self.splits[split], self.cfg.parallel.micro_batch
-        hits = []
-        for first in range(0, len(data["answers"]), micro):
+        hits, firsts = [], range(0, len(data["answers"]), micro)
+        for first in console.progress(firsts, desc=f"RACE {split}", unit="batches", enabled=self.shows_progress):
             rows = np.arange(first, min(first + micro, len(data["answers"])))
             inputs = {name: t.to(self.model.device) for name, t in model_inputs(data, rows).items()}
             with autocast():
@@ -240,52 +242,131 @@ def fine_tune(spec: RunSpec[RaceConfig], grid: state.ProcessGrid) -> dict:
     return loop.run()
 
 
+QA_SHARE = 4  # task.max_qa_len defaults to seq_len / 4: the paper's 128 of 512
+PAPER_BATCH = 16  # questions per step when parallel.global_batch is null (the paper: 16-32)
+
+
+def model_problems(cfg: RaceConfig, model: ModelConfig) -> list[str]:
+    """What keeps the checkpoint's model from running this config, each with its fix (task.seq_len and
+    task.max_qa_len resolved)."""
+    task, par, problems = cfg.task, cfg.parallel, []
+    if model.arch != "bert":
+        problems.append(
+            f"checkpoint={cfg.checkpoint} holds a {model.arch} model: RACE fine-tunes a BERT (e.g. one trained with "
+            "python -m megatron_exp.train model=bert_tiny)"
+        )
+    try:
+        model.validate(par.tp)
+    except ConfigError as error:
+        problems.append(str(error))
+    if par.dp not in (None, 1):
+        problems.append(f"parallel.dp={par.dp}: RACE fine-tuning runs on TP ranks only; use parallel.dp=1")
+    if par.pp != 1:
+        problems.append(
+            f"parallel.pp={par.pp}: RACE fine-tuning runs on TP ranks only (a checkpoint of any pipeline layout "
+            "loads); use parallel.pp=1"
+        )
+    if task.seq_len > model.seq_len:
+        problems.append(
+            f"task.seq_len={task.seq_len} exceeds the model's {model.seq_len} positions: set task.seq_len to at "
+            f"most {model.seq_len}, or leave it null (the model's)"
+        )
+    room = min(task.seq_len, model.seq_len) - 4  # [CLS] qa [SEP], then at least one article token and [SEP]
+    if task.max_qa_len > room:
+        fix = f"set task.max_qa_len to at most {room}" if room > 0 else "raise task.seq_len"
+        problems.append(
+            f"task.max_qa_len={task.max_qa_len} leaves no room for the article in task.seq_len={task.seq_len}: {fix}"
+            ", or leave it null (a quarter of task.seq_len)"
+        )
+    return problems
+
+
+def tokenizer_problems(tokenizer: Tokenizer, model: ModelConfig) -> list[str]:
+    problems = []
+    missing = [token for token in BERT_SPECIAL_TOKENS if tokenizer.token_to_id(token) is None]
+    if missing:
+        problems.append(f"the tokenizer lacks {', '.join(missing)}: set tokenizer= to the BERT's WordPiece tokenizer")
+    if tokenizer.get_vocab_size() > model.vocab_size:
+        problems.append(
+            f"the tokenizer has {tokenizer.get_vocab_size()} entries, more than the model's {model.vocab_size}: set "
+            "tokenizer= to the tokenizer.json the BERT was trained with"
+        )
+    return problems
+
+
+def fit_batch(par: ParallelConfig, train_questions: int) -> list[str]:
+    """A null parallel.global_batch filled from the train split: the paper's 16 questions, or as many whole
+    micro-batches as fewer questions fill (all of them in one micro-batch when they fill none). Else what does not
+    fit, each with its fix."""
+    if par.global_batch is None:
+        if train_questions < par.micro_batch:
+            par.micro_batch = train_questions
+        par.global_batch = min(PAPER_BATCH, train_questions) // par.micro_batch * par.micro_batch
+        return []
+    problems = []
+    if par.global_batch % par.micro_batch:
+        problems.append(
+            f"parallel.global_batch={par.global_batch} is not a multiple of parallel.micro_batch={par.micro_batch}: "
+            f"set parallel.global_batch={max(1, par.global_batch // par.micro_batch) * par.micro_batch}, or leave it "
+            "null"
+        )
+    if par.global_batch > train_questions:
+        problems.append(
+            f"parallel.global_batch={par.global_batch} is more than the {train_questions} train questions: set it to "
+            f"at most {train_questions}, or leave it null"
+        )
+    return problems
+
+
+def _collect(problems: list[str], read: Callable, *args):
+    """`read(*args)`, or None with its ConfigError added to `problems`."""
+    try:
+        return read(*args)
+    except ConfigError as error:
+        problems.append(str(error))
+        return None
+
+
+def all_at_once(problems: list[str]) -> ConfigError:
+    if len(problems) == 1:
+        return ConfigError(problems[0])
+    return ConfigError(f"RACE cannot start ({len(problems)} problems):\n" + "\n".join(f"  - {p}" for p in problems))
+
+
 def prepare(composed: RaceConfig, run_dir: str, joined: bool) -> RunSpec[RaceConfig]:
-    """Check the checkpoint is a BERT and the config can run, tokenize the questions, resolve the schedule and
-    hardware: the job's spec."""
+    """Fit the task to the checkpoint's model and the data (sequence lengths, batch), check everything and refuse
+    with every problem at once, tokenize the questions: the job's spec."""
     cfg = copy.deepcopy(composed)
     check_ranges(cfg)
     directory = checkpoint.require(cfg.checkpoint, "checkpoint")
     model = checkpoint.model_config_of(directory)
-    if model.arch != "bert":
-        raise ConfigError(f"checkpoint={cfg.checkpoint} holds a {model.arch} model: RACE fine-tunes a BERT")
-    model.validate(cfg.parallel.tp)
-    if cfg.parallel.dp not in (None, 1):
-        raise ConfigError(f"parallel.dp={cfg.parallel.dp}: RACE fine-tuning runs on TP ranks only; use parallel.dp=1")
-    if cfg.parallel.pp != 1:
-        raise ConfigError(
-            f"parallel.pp={cfg.parallel.pp}: RACE fine-tuning runs on TP ranks only (a checkpoint of any pipeline "
-            "layout loads); use parallel.pp=1"
-        )
-    par = cfg.parallel
-    par.dp = 1
-    if par.global_batch is None:
-        par.global_batch = par.micro_batch
-    if par.global_batch % par.micro_batch:
-        raise ConfigError(
-            f"parallel.global_batch={par.global_batch} is not a multiple of parallel.micro_batch={par.micro_batch}"
-        )
-    if cfg.task.seq_len > model.seq_len:
-        raise ConfigError(f"task.seq_len={cfg.task.seq_len} exceeds the model's {model.seq_len} positions")
-    if cfg.task.max_qa_len > cfg.task.seq_len - 4:
-        raise ConfigError(f"task.max_qa_len={cfg.task.max_qa_len} leaves no room for the article in task.seq_len")
-    cfg.hardware = hardware.resolve(cfg.hardware, par.tp, measure_peak=True)
-    tokenizer = load_tokenizer(cfg, directory, model)
-    questions = read_questions(cfg)
-    train_questions = len(questions["train"])
-    if train_questions < par.global_batch:
-        raise ConfigError(f"{train_questions} train questions are fewer than parallel.global_batch={par.global_batch}")
-    steps = cfg.task.epochs * (train_questions // par.global_batch)
-    cfg.optimizer.warmup_iters = round(cfg.task.warmup_fraction * steps)
-    cfg.optimizer.decay_iters = steps
-    cfg.optimizer.validate()
+    task, par = cfg.task, cfg.parallel
+    task.seq_len = model.seq_len if task.seq_len is None else task.seq_len
+    if task.max_qa_len is None:  # of the length that can run, so that a too long seq_len is the only problem
+        task.max_qa_len = min(task.seq_len, model.seq_len) // QA_SHARE
+    problems = model_problems(cfg, model)
+    tokenizer = _collect(problems, load_tokenizer, cfg, directory, model)
+    if tokenizer is not None:
+        problems += tokenizer_problems(tokenizer, model)
+    questions = _collect(problems, read_questions, cfg)
+    if questions is not None:
+        problems += fit_batch(par, len(questions["train"]))
+    if not problems:
+        steps = task.epochs * (len(questions["train"]) // par.global_batch)
+        cfg.optimizer.warmup_iters = round(task.warmup_fraction * steps)
+        cfg.optimizer.decay_iters = steps
+        _collect(problems, cfg.optimizer.validate)
+    hardware_cfg = _collect(problems, hardware.resolve, cfg.hardware, par.tp, True)
+    if problems:
+        raise all_at_once(problems)
+    par.dp, cfg.hardware = 1, hardware_cfg
     inputs_dir = Path(run_dir) / "inputs"
     inputs_dir.mkdir(parents=True, exist_ok=True)
     splits = {}
     for split, split_questions in questions.items():
-        log.info("RACE %s: tokenizing %d questions", split, len(split_questions))
         splits[split] = str(inputs_dir / f"{split}.npz")
-        np.savez(splits[split], **encode_split(split_questions, tokenizer, cfg))
+        tokenized = console.progress(split_questions, desc=f"RACE {split}: tokenizing", unit="questions")
+        np.savez(splits[split], **encode_split(tokenized, tokenizer, cfg))
     (Path(run_dir) / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     wandb = wandb_settings(cfg.logger, run_dir, asdict(cfg))
     inputs = {"checkpoint": str(directory), "splits": splits}

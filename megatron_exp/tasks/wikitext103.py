@@ -14,9 +14,8 @@ import re
 
 import torch
 from omegaconf import DictConfig
-from tqdm.auto import tqdm
 
-from megatron_exp import entry
+from megatron_exp import console, entry
 from megatron_exp.config import ConfigError, WikiTextConfig, WikiTextEvalConfig
 from megatron_exp.tasks import common
 
@@ -95,7 +94,7 @@ def evaluate(scores: common.TokenScores, task: WikiTextConfig, inputs: dict, pro
     spans = windows(len(tokens), seq_len, task.stride)
     scored_losses = []
     batches = range(0, len(spans), task.batch_size)
-    for first in tqdm(batches, desc="wikitext103", disable=not progress, mininterval=5):
+    for first in console.progress(batches, desc="wikitext103", unit="batches", enabled=progress):
         batch = window_batch(tokens, spans[first : first + task.batch_size], seq_len)
         x, y, mask = (t.to(scores.device) for t in batch)
         losses, _ = scores(x, y)

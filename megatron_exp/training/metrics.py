@@ -12,6 +12,7 @@ import math
 import os
 import signal
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -49,12 +50,27 @@ def _shown(key: str, value) -> str:
     return f"{label} {text}" if label else text
 
 
-def console_line(record: dict, total_iterations: int) -> str:
-    """One progress line from any record: every key in the record's order, formatted by what it measures."""
-    parts = [f"iter {record['iteration']:>{len(str(total_iterations))}}/{total_iterations}"]
+def clock(seconds: float) -> str:
+    """A duration as M:SS, or H:MM:SS from an hour on."""
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def console_line(record: dict, total_iterations: int, elapsed_s: float | None = None, first_iteration: int = 0) -> str:
+    """One progress line from any record: every key in the record's order, formatted by what it measures; then,
+    given the seconds since `first_iteration` (where a resumed run started), the time so far and the time left at
+    that pace."""
+    iteration = record["iteration"]
+    parts = [f"iter {iteration:>{len(str(total_iterations))}}/{total_iterations}"]
     parts += [_shown(key, value) for key, value in record.items() if key not in _HIDDEN]
     if record.get("train/skipped_steps"):
         parts.append(f"skipped {record['train/skipped_steps']}")
+    if elapsed_s is not None:
+        parts.append(f"elapsed {clock(elapsed_s)}")
+        if first_iteration < iteration < total_iterations:
+            left = elapsed_s / (iteration - first_iteration) * (total_iterations - iteration)
+            parts.append(f"ETA {clock(left)}")
     return " | ".join(parts)
 
 
@@ -90,7 +106,8 @@ class MetricSinks:
     def __init__(self, run_dir: Path, total_iterations: int, wandb_kwargs: dict | None, after: int = 0):
         """`after`: the iteration a resumed run continues from; metrics.jsonl keeps each iteration once, so the
         records past it (logged before the interruption, about to be logged again) are dropped."""
-        self.run_dir, self.total_iterations = Path(run_dir), total_iterations
+        self.run_dir, self.total_iterations, self.first_iteration = Path(run_dir), total_iterations, after
+        self.started = time.monotonic()  # elapsed time and ETA count from here
         self.warned_utilization = False  # a logged MFU above 100% is flagged once
         (self.run_dir / "interrupted.json").unlink(missing_ok=True)  # from an earlier interruption, resumed now
         if after:
@@ -140,7 +157,8 @@ class MetricSinks:
         """Write one record (must contain `iteration`) to every sink."""
         self.jsonl.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
         self.jsonl.flush()
-        log.info(console_line(record, self.total_iterations))
+        elapsed = time.monotonic() - self.started
+        log.info(console_line(record, self.total_iterations, elapsed, self.first_iteration))
         self._to_wandb(record)
 
     def interrupted(self, iteration: int, signum: int, latest_checkpoint: str | None) -> None:
@@ -184,12 +202,24 @@ def wandb_settings(
         "mode": lg.mode,
         "settings": {
             "console": "off",
-            "quiet": True,
+            "silent": True,  # the run's last line says where its W&B files are (wandb_pointer)
             "x_disable_stats": True,
             "disable_git": True,
             "init_timeout": lg.init_timeout_s,
         },
     }
+
+
+def wandb_pointer(wandb_kwargs: dict | None) -> str:
+    """Where a finished run's W&B record is, for its last console line: the command that uploads an offline run
+    (each resumption wrote a directory of its own), or the online run's path; empty when there is none."""
+    if wandb_kwargs is None:
+        return ""
+    if wandb_kwargs["mode"] == "online":
+        path = "/".join(str(part) for part in (wandb_kwargs["entity"], wandb_kwargs["project"]) if part)
+        return f" | W&B: {path}/runs/{wandb_kwargs['id']}"
+    offline = sorted(Path(wandb_kwargs["dir"]).glob(f"wandb/offline-run-*-{wandb_kwargs['id']}"))
+    return f" | W&B (offline), upload with: wandb sync {' '.join(map(str, offline))}" if offline else ""
 
 
 def publish(wandb_kwargs: dict | None, values: dict) -> None:

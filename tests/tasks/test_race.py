@@ -2,16 +2,34 @@
 
 import json
 import math
+import re
+from dataclasses import asdict
 
 import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer
 
-from megatron_exp.config import ConfigError, RaceConfig, RaceTaskConfig, TokenizerConfig
+from megatron_exp.config import (
+    ConfigError,
+    HardwareConfig,
+    LoggerConfig,
+    ModelConfig,
+    ParallelConfig,
+    RaceConfig,
+    RaceTaskConfig,
+    TokenizerConfig,
+)
 from megatron_exp.data.bert_dataset import Vocabulary
 from megatron_exp.data.tokenizer import wordpiece
-from megatron_exp.tasks.race import Question, encode_question, model_inputs, question_with_option, read_questions
+from megatron_exp.tasks.race import (
+    Question,
+    encode_question,
+    model_inputs,
+    prepare,
+    question_with_option,
+    read_questions,
+)
 from megatron_exp.training import checkpoint
 from tests.tasks.test_entry_points import evaluate
 from tests.test_train import records, train
@@ -118,6 +136,62 @@ def test_a_bad_race_file_is_one_line_naming_it(tmp_path, content, message):
     with pytest.raises(ConfigError, match=message) as error:
         read_questions(RaceConfig(checkpoint="x", task=RaceTaskConfig(source=str(tmp_path))))
     assert "task.source" in str(error.value) and bad.name in str(error.value) and "\n" not in str(error.value)
+
+
+def _bert_run(run_dir, tokenizer, seq_len: int = 64):
+    """What prepare() reads of a BERT run: its checkpoint's meta.json and its tokenizer (no weights are loaded)."""
+    model = ModelConfig(name="bert", arch="bert", hidden=32, heads=4, layers=1, vocab_size=64, seq_len=seq_len)
+    checkpoint.save_all(run_dir, 1, [{"iteration": 1, "model": {}}], {"tp": 1, "dp": 1, "model": asdict(model)})
+    tokenizer.save(str(run_dir / "tokenizer.json"))
+    return run_dir
+
+
+def _race_config(run_dir, source, **task) -> RaceConfig:
+    cpu = HardwareConfig(name="cpu", device="cpu", backend="gloo", precision="fp32", peak_tflops=1.0)
+    task = RaceTaskConfig(source=str(source), **task)
+    parallel = ParallelConfig(micro_batch=4)  # as conf/race.yaml sets it
+    return RaceConfig(str(run_dir), task=task, parallel=parallel, hardware=cpu, logger=LoggerConfig(wandb=False))
+
+
+def test_sequence_lengths_and_the_batch_default_to_what_the_model_and_the_data_allow(tmp_path, tokenizer):
+    run = _bert_run(tmp_path / "bert", tokenizer, seq_len=64)
+    for questions, batch in {40: (4, 16), 6: (4, 4), 3: (3, 3)}.items():  # questions: (micro, global batch)
+        race = tmp_path / f"race{questions}"
+        _learnable_race(race, {"train": questions, "dev": 2, "test": 2}, COLOURS, NUMBERS)
+        spec = prepare(_race_config(run, race), str(tmp_path / f"job{questions}"), joined=False)
+        task, par = spec.config.task, spec.config.parallel
+        assert (task.seq_len, task.max_qa_len) == (64, 16)  # the model's positions; a quarter of them for qa
+        assert (par.micro_batch, par.global_batch) == batch  # the paper's 16, or whole micro-batches of fewer
+        assert np.load(spec.inputs["splits"]["train"])["ids"].shape == (questions, 4, 64)
+
+
+def test_every_problem_is_reported_at_once_each_with_its_fix(tmp_path, tokenizer):
+    run = _bert_run(tmp_path / "bert", tokenizer, seq_len=64)
+    _learnable_race(tmp_path / "race", {"train": 6, "dev": 2, "test": 2}, COLOURS, NUMBERS)
+    cfg = _race_config(run, tmp_path / "race", seq_len=1000, max_qa_len=2000)
+    cfg.parallel = ParallelConfig(tp=3, dp=2, micro_batch=4, global_batch=7)
+    with pytest.raises(ConfigError) as refused:
+        prepare(cfg, str(tmp_path / "job"), joined=False)
+    header, *problems = str(refused.value).splitlines()
+    assert header == "RACE cannot start (6 problems):"
+    keys = ["model.heads=4", "parallel.dp=2", "task.seq_len=1000", "task.max_qa_len=2000", "parallel.global_batch=7"]
+    assert [re.split("[ :]", p.removeprefix("  - "))[0] for p in problems] == [*keys, "parallel.global_batch=7"]
+    assert all(re.search(r"[:;] (set|use) ", p) for p in problems), problems  # each says what to change
+    assert "at most 60" in problems[3] and "at most 6" in problems[5]  # what the model and the data leave room for
+    assert not (tmp_path / "job" / "inputs").exists()  # refused before tokenizing anything
+
+
+def test_the_command_lists_the_problems_and_exits_2_before_any_worker(tmp_path, tokenizer):
+    run = _bert_run(tmp_path / "bert", tokenizer, seq_len=64)
+    _learnable_race(tmp_path / "race", {"train": 6, "dev": 2, "test": 2}, COLOURS, NUMBERS)
+    done = evaluate("race", tmp_path / "job", f"checkpoint={run}", f"task.source={tmp_path / 'race'}",
+                    "task.seq_len=100", "parallel.global_batch=7", "hardware.peak_tflops=1")  # fmt: skip
+    output = done.stdout + done.stderr
+    assert done.returncode == 2, output
+    errors = [line for line in output.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].endswith("error: RACE cannot start (3 problems):"), output
+    assert output.count("\n  - ") == 3 and "task.seq_len=100 exceeds the model's 64 positions" in output
+    assert not (tmp_path / "job" / "logs").exists()
 
 
 BERT_TINY = [

@@ -5,7 +5,7 @@ import threading
 import time
 import types
 
-from megatron_exp.training.metrics import MetricSinks, console_line, write_json
+from megatron_exp.training.metrics import MetricSinks, console_line, wandb_pointer, write_json
 
 TRAIN = {
     "iteration": 10,
@@ -92,6 +92,36 @@ def test_console_line_shows_loss_ppl_and_mfu():
     assert line.startswith("iter  10/100 | loss 5.0000 | ppl 148.41 | lr 1.00e-03 | grad 0.500")
     assert "MFU 25.0%" in line and "1000 tok/s" in line
     assert "valid ppl 54.60" in console_line({"iteration": 10, "valid/loss": 4.0, "valid/ppl": 54.6}, 100)
+
+
+def test_console_line_ends_with_the_time_so_far_and_the_time_left():
+    line = console_line(TRAIN, 100, elapsed_s=30.0)  # 10 of 100 iterations in 30 s: 90 more take 4.5 minutes
+    assert line.endswith("| 0.200 s/it | elapsed 0:30 | ETA 4:30"), line
+    assert console_line(TRAIN, 100, elapsed_s=30.0, first_iteration=5).endswith("ETA 9:00")  # resumed at 5
+    assert console_line({**TRAIN, "iteration": 100}, 100, elapsed_s=3725.0).endswith("| elapsed 1:02:05")  # done
+
+
+def test_every_console_line_carries_the_elapsed_time_and_eta(tmp_path, caplog):
+    sinks = MetricSinks(tmp_path, 100, None)
+    with caplog.at_level(logging.INFO):
+        sinks.log(TRAIN)
+        sinks.log({"iteration": 10, "valid/loss": 4.0, "valid/ppl": 54.6})
+        sinks.log({**TRAIN, "iteration": 100})
+    sinks.close()
+    lines = [m for m in caplog.messages if m.startswith("iter")]
+    assert len(lines) == 3 and all(" | elapsed 0:00" in m for m in lines)
+    assert all(m.endswith(" | ETA 0:00") for m in lines[:2]) and "ETA" not in lines[2]
+
+
+def test_the_last_line_points_at_the_w_and_b_run(tmp_path):
+    offline = {"id": "abc123", "mode": "offline", "dir": str(tmp_path), "entity": None, "project": "megatron-exp"}
+    assert wandb_pointer(None) == "" and wandb_pointer(offline) == ""  # off, or it never started: nothing to sync
+    runs = [tmp_path / "wandb" / f"offline-run-2026120{day}_101010-abc123" for day in (2, 3)]  # started, resumed
+    for run in [*runs, tmp_path / "wandb" / "offline-run-20261201_101010-other"]:
+        run.mkdir(parents=True)
+    assert wandb_pointer(offline) == f" | W&B (offline), upload with: wandb sync {runs[0]} {runs[1]}"
+    online = {**offline, "mode": "online", "entity": "lab"}
+    assert wandb_pointer(online) == " | W&B: lab/megatron-exp/runs/abc123"
 
 
 def test_records_are_valid_json_with_non_finite_values_as_null(tmp_path):
