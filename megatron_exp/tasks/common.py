@@ -17,7 +17,15 @@ from omegaconf import DictConfig
 from tokenizers import Tokenizer
 
 from megatron_exp import entry, hardware
-from megatron_exp.config import ConfigError, EvalConfig, ModelConfig, RunSpec, TaskConfig, check_ranges
+from megatron_exp.config import (
+    ConfigError,
+    EvalConfig,
+    GenerateConfig,
+    ModelConfig,
+    RunSpec,
+    TaskConfig,
+    check_ranges,
+)
 from megatron_exp.data import tokenizer as tokenizers
 from megatron_exp.hardware import device_of
 from megatron_exp.models.gpt import GPTModel
@@ -28,8 +36,9 @@ from megatron_exp.training.metrics import publish, wandb_settings
 log = logging.getLogger("megatron_exp.tasks")
 
 
-def load_tokenizer(cfg: EvalConfig, directory: Path, model: ModelConfig) -> Tokenizer:
-    """The tokenizer the model was trained with: given, kept in the run (or conversion) directory, or GPT-2's."""
+def load_tokenizer(cfg: EvalConfig | GenerateConfig, directory: Path, model: ModelConfig) -> Tokenizer:
+    """The tokenizer the model was trained with (for an evaluation or generation): given, kept in the run (or
+    conversion) directory, or GPT-2's."""
     if cfg.tokenizer:
         return Tokenizer.from_file(str(Path(cfg.tokenizer).expanduser()))
     kept = tokenizers.kept_with(directory.parents[1], model.vocab_size)
