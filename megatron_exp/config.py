@@ -397,6 +397,23 @@ class LambadaEvalConfig(EvalConfig):
 
 
 @dataclass
+class GenerateConfig(Schema):
+    """python -m megatron_exp.generate: continue prompts with a GPT checkpoint, at any TP degree."""
+
+    checkpoint: str = "???"  # a run directory (its newest checkpoint), checkpoint directory, or convert output
+    tokenizer: str | None = None  # tokenizer.json; None: the run's own, or GPT-2's for a 50,257-entry vocabulary
+    prompt: Any = "???"  # one text, or a list of texts (generated as one batch)
+    max_new_tokens: int = checked(64, **POSITIVE)
+    temperature: float = checked(0.0, minimum=0.0)  # 0: greedy (the most likely token at every step)
+    top_k: int = checked(0, **NON_NEGATIVE)  # sample from the k most likely tokens only; 0: all
+    top_p: float = checked(1.0, above=0.0)  # and from the smallest set of them holding this probability; 1: all
+    seed: int = checked(1234, **NON_NEGATIVE)  # sampling's random stream: the same seed, the same text
+    stop_at_eod: bool = True  # a text ends at the tokenizer's end-of-document token
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+
+
+@dataclass
 class RaceTaskConfig(Schema):
     name: str = "race"
     # hub:ehovy/race, or a local directory in the original RACE layout: {train,dev,test}/{middle,high}/*.txt
@@ -444,6 +461,7 @@ SCHEMAS: Mapping[str, type] = {
     "schema": Config,
     "eval_wikitext103_schema": WikiTextEvalConfig,
     "eval_lambada_schema": LambadaEvalConfig,
+    "generate_schema": GenerateConfig,
     "race_schema": RaceConfig,
     "convert_schema": ConvertConfig,
     "analyze_schema": AnalyzeConfig,

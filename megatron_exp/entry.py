@@ -58,10 +58,13 @@ def unique_dir(name: str) -> str:
 
 
 def run_label(*, _root_: DictConfig) -> str:
-    """What a run directory is named after: <model>_tp<k>[_pp<k>] for training, <job type>_<task> for the tasks."""
+    """What a run directory is named after: <model>_tp<k>[_pp<k>] for training, <job type>_<task> for the tasks,
+    generate_tp<k> for generation."""
     if "model" in _root_:
         pp = _root_.parallel.pp
         return f"{_root_.model.name}_tp{_root_.parallel.tp}" + (f"_pp{pp}" if pp > 1 else "")
+    if "prompt" in _root_:
+        return f"generate_tp{_root_.parallel.tp}"
     return f"{_root_.logger.job_type}_{_root_.task.name}"
 
 

@@ -104,13 +104,15 @@ def run_rank(work: Callable[[RunSpec, ProcessGrid], dict | None], spec: RunSpec)
 def _teardown_together(grid: ProcessGrid, cfg) -> None:
     """Wait for every rank before destroying the groups (gloo can abort if a peer destroys its groups
     mid-exchange). Through the job's store, not a collective: rank 0 may still be finishing W&B (whose start is
-    bounded by logger.init_timeout_s), and no rank should hit parallel.timeout_s waiting for that."""
+    bounded by logger.init_timeout_s), and no rank should hit parallel.timeout_s waiting for that (an entry point
+    without a logger, such as generation, waits for its collectives only)."""
     if grid.control is None:
         return
     store = dist.distributed_c10d._get_default_store()
     rank, world = dist.get_rank(), dist.get_world_size()
     store.set(f"megatron_exp/done/{rank}", "1")
-    seconds = cfg.parallel.timeout_s + cfg.logger.init_timeout_s + 60
+    logger = getattr(cfg, "logger", None)
+    seconds = cfg.parallel.timeout_s + (logger.init_timeout_s if logger else 0) + 60
     store.wait([f"megatron_exp/done/{r}" for r in range(world)], timedelta(seconds=seconds))
 
 

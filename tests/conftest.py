@@ -2,6 +2,7 @@ import copy
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -35,3 +36,13 @@ def cache_dir(tmp_path_factory) -> str:
 def shared_cache(tmp_path_factory) -> str:
     """A data cache shared by the tests that train (the embedded corpus is tokenized once per session)."""
     return str(tmp_path_factory.mktemp("data-cache"))
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for tests of tiny models in this process: on the shared cores a second thread mostly
+    waits, and a tiny forward takes many times longer."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

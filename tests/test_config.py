@@ -11,6 +11,7 @@ from megatron_exp.config import (
     ConfigError,
     ConvertConfig,
     DataConfig,
+    GenerateConfig,
     HardwareConfig,
     LambadaConfig,
     LoggerConfig,
@@ -131,6 +132,7 @@ OUT_OF_RANGE = {
     LambadaConfig: {"seq_len": 0, "batch_size": 0, "max_examples": 0},
     RaceTaskConfig: {"seq_len": 0, "max_qa_len": 0, "epochs": 0, "warmup_fraction": 1.5, "max_questions": 0},
     RaceConfig: {"seed": -1, "log_interval": 0},
+    GenerateConfig: {"max_new_tokens": 0, "temperature": -0.5, "top_k": -1, "top_p": 0.0, "seed": -1},
 }  # fmt: skip
 
 

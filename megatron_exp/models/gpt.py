@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from megatron_exp.config import ModelConfig
+from megatron_exp.models.kv_cache import KVCache
 from megatron_exp.models.transformer import TransformerModel
 from megatron_exp.parallel.cross_entropy import vocab_parallel_argmax, vocab_parallel_cross_entropy
 from megatron_exp.parallel.mappings import f_linear
@@ -34,11 +35,22 @@ class GPTModel(TransformerModel):
         super().__init__(cfg, tp, activation_checkpointing, part=part)
         self.finish_init(seed)
 
-    def forward(self, tokens: torch.Tensor, hidden: torch.Tensor | None = None, chunk: int | None = None):
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        hidden: torch.Tensor | None = None,
+        chunk: int | None = None,
+        cache: KVCache | None = None,
+    ):
         """tokens [batch, seq] -> this rank's logits [batch, seq, padded_vocab / tp]; in a pipeline, a chunk
-        before the last returns its hidden states instead."""
-        x = self.encode(tokens, hidden=hidden, chunk=chunk)
-        return f_linear(x, self.embedding.weight, None, self.tp) if self.is_last(chunk) else x
+        before the last returns its hidden states instead. With a `cache`, tokens follow the cached ones."""
+        x = self.encode(tokens, hidden=hidden, chunk=chunk, cache=cache)
+        return self.output_logits(x) if self.is_last(chunk) else x
+
+    def output_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Final hidden states -> this rank's vocabulary slice of the logits (the output layer tied to the
+        embedding); generation applies it to the last position only."""
+        return f_linear(x, self.embedding.weight, None, self.tp)
 
     def loss_terms(self, logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
         """The mean token loss."""

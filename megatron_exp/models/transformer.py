@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_exp.config import ModelConfig
+from megatron_exp.models.kv_cache import KVCache
 from megatron_exp.parallel import random, state
 from megatron_exp.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from megatron_exp.parallel.pipeline import ModelPart, whole
@@ -42,15 +43,22 @@ class ParallelAttention(nn.Module):
         self.qkv = ColumnParallelLinear(cfg.hidden, 3 * cfg.hidden, init_std=cfg.init_std, tp=tp)
         self.proj = RowParallelLinear(cfg.hidden, cfg.hidden, init_std=output_init_std(cfg), tp=tp)
 
-    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """`padding_mask` [batch, seq], True at real tokens: no query attends to a padding key."""
+    def forward(
+        self, x: torch.Tensor, padding_mask: torch.Tensor | None = None, cache: KVCache | None = None
+    ) -> torch.Tensor:
+        """`padding_mask` [batch, seq], True at real tokens: no query attends to a padding key. With a `cache`
+        (decoding), x is the block of tokens after the cached ones, which it attends to with the cache's mask."""
         batch, seq, _ = x.shape
         qkv = self.qkv(x).view(batch, seq, self.local_heads, 3, self.head_dim)
         q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)  # each [batch, local_heads, seq, head_dim]
         dropout = self.dropout if self.training else 0.0
         keys = None if padding_mask is None else padding_mask[:, None, None, :]
+        causal = self.causal
+        if cache is not None:
+            k, v, keys = cache.update(self, k, v)
+            causal = False  # the cache's mask is causal over its slots
         with random.tp_region() if dropout > 0 else nullcontext():
-            out = F.scaled_dot_product_attention(q, k, v, keys, dropout_p=dropout, is_causal=self.causal)
+            out = F.scaled_dot_product_attention(q, k, v, keys, dropout_p=dropout, is_causal=causal)
         return self.proj(out.transpose(1, 2).reshape(batch, seq, self.local_heads * self.head_dim))
 
 
@@ -79,11 +87,13 @@ class TransformerLayer(nn.Module):
         self.mlp = ParallelMLP(cfg, tp)
         self.dropout = nn.Dropout(cfg.hidden_dropout)
 
-    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, padding_mask: torch.Tensor | None = None, cache: KVCache | None = None
+    ) -> torch.Tensor:
         if self.post_ln:
-            x = self.attention_norm(x + self.dropout(self.attention(x, padding_mask)))
+            x = self.attention_norm(x + self.dropout(self.attention(x, padding_mask, cache)))
             return self.mlp_norm(x + self.dropout(self.mlp(x)))
-        x = x + self.dropout(self.attention(self.attention_norm(x), padding_mask))
+        x = x + self.dropout(self.attention(self.attention_norm(x), padding_mask, cache))
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
 
@@ -175,11 +185,17 @@ class TransformerModel(nn.Module):
         """Whether `chunk` (None: the model is on one stage) ends the model, so its output goes to the head."""
         return self.part.head and (chunk is None or chunk == self.part.count - 1)
 
-    def embed(self, tokens: torch.Tensor, token_types: torch.Tensor | None = None) -> torch.Tensor:
-        seq = tokens.shape[1]
-        if seq > self.cfg.seq_len:
-            raise ValueError(f"sequence of {seq} tokens is longer than model.seq_len={self.cfg.seq_len}")
-        x = self.embedding(tokens) + self.position_embedding[:seq]
+    def embed(
+        self, tokens: torch.Tensor, token_types: torch.Tensor | None = None, positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Token + position (+ token type) embeddings; `positions` [batch, seq] default to 0, 1, ... in every row."""
+        if positions is None:
+            seq = tokens.shape[1]
+            if seq > self.cfg.seq_len:
+                raise ValueError(f"sequence of {seq} tokens is longer than model.seq_len={self.cfg.seq_len}")
+            x = self.embedding(tokens) + self.position_embedding[:seq]
+        else:
+            x = self.embedding(tokens) + F.embedding(positions, self.position_embedding)
         if token_types is not None:
             x = x + F.embedding(token_types, self.token_type_embedding)
         if self.embedding_norm is not None:
@@ -194,14 +210,19 @@ class TransformerModel(nn.Module):
         *,
         hidden: torch.Tensor | None = None,
         chunk: int | None = None,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
         """tokens [batch, seq] -> hidden states [batch, seq, hidden], replicated on every TP rank: through the
-        whole model, or (pipeline) through `chunk` only, from the previous chunk's `hidden`."""
-        x = self.embed(tokens, token_types) if chunk in (None, 0) else hidden
+        whole model, or (pipeline) through `chunk` only, from the previous chunk's `hidden`. With a `cache`
+        (decoding), tokens are the block after the cached ones, at the cache's positions."""
+        if chunk in (None, 0):
+            x = self.embed(tokens, token_types, None if cache is None else cache.positions)
+        else:
+            x = hidden
         for index in self.part.chunks[chunk or 0]:
             layer = self.layers[str(index)]
             if self.activation_checkpointing and self.training:
                 x = random.checkpoint(layer, x, padding_mask)
             else:
-                x = layer(x, padding_mask)
+                x = layer(x, padding_mask, cache)
         return self.final_norm(x) if self.final_norm is not None and self.is_last(chunk) else x

@@ -15,9 +15,9 @@ from megatron_exp.parallel.mappings import all_reduce_
 from megatron_exp.parallel.state import Group
 
 
-def _masked_logits(logits: torch.Tensor, vocab_size: int, tp: Group) -> tuple[torch.Tensor, int]:
+def masked_logits(logits: torch.Tensor, vocab_size: int, tp: Group) -> tuple[torch.Tensor, int]:
     """A copy of this rank's logits in fp32 (fp64 stays fp64) with padding columns at -inf, and the rank's
-    first vocabulary id."""
+    first vocabulary id (the argmax here and the sampler start from it)."""
     part = logits.shape[-1]
     start = tp.rank * part
     padding = torch.arange(start, start + part, device=logits.device) >= vocab_size
@@ -77,7 +77,7 @@ def vocab_parallel_cross_entropy(
 @torch.no_grad()
 def vocab_parallel_argmax(logits: torch.Tensor, vocab_size: int, tp: Group) -> torch.Tensor:
     """Greedy prediction over the real vocabulary; ties go to the lowest id, as with torch.argmax."""
-    masked, start = _masked_logits(logits, vocab_size, tp)
+    masked, start = masked_logits(logits, vocab_size, tp)
     local_max, local_arg = masked.amax(dim=-1), masked.argmax(dim=-1)
     best = all_reduce_(local_max.clone(), tp, dist.ReduceOp.MAX)
     candidate = torch.where(local_max == best, local_arg + start, torch.iinfo(torch.long).max)

@@ -22,6 +22,7 @@ from megatron_exp import entry, hardware
 from megatron_exp.config import (
     ConfigError,
     EvalConfig,
+    GenerateConfig,
     ModelConfig,
     ParallelConfig,
     RunSpec,
@@ -42,8 +43,9 @@ from megatron_exp.training.schedule import Pipeline
 log = logging.getLogger("megatron_exp.tasks")
 
 
-def load_tokenizer(cfg: EvalConfig, directory: Path, model: ModelConfig) -> Tokenizer:
-    """The tokenizer the model was trained with: given, kept in the run (or conversion) directory, or GPT-2's."""
+def load_tokenizer(cfg: EvalConfig | GenerateConfig, directory: Path, model: ModelConfig) -> Tokenizer:
+    """The tokenizer the model was trained with (for an evaluation or generation): given, kept in the run (or
+    conversion) directory, or GPT-2's."""
     if cfg.tokenizer:
         return Tokenizer.from_file(str(Path(cfg.tokenizer).expanduser()))
     kept = tokenizers.kept_with(directory.parents[1], model.vocab_size)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
@@ -253,10 +254,12 @@ class TrainingLoop:
 
     # --- the loop ----------------------------------------------------------------------------------------------
 
-    def run(self) -> dict:
+    def run(self, after: Callable[[], None] | None = None) -> dict:
         """Train from the start (or the resumed) iteration to the last; returns the last train and eval record.
         A signal stops it at a step boundary (see training/stop.py): Interrupted is raised after the record, and
-        with `save_on_signal` a checkpoint, of that iteration."""
+        with `save_on_signal` a checkpoint, of that iteration. `after` runs on every rank after the last
+        iteration, before rank 0 closes the metric sinks (which may wait for W&B while its peers wait for it in
+        a collective of `after`)."""
         c = self.cadence
         self.window: dict[str, torch.Tensor] = {}  # sums since the last record; a skipped step adds a norm of 0
         self.steps, self.window_start, record = 0, time.perf_counter(), {}
@@ -285,6 +288,8 @@ class TrainingLoop:
             if signum and not last:
                 self._interrupt(iteration, signum, saved)
         self.stop.finish()
+        if after is not None:
+            after()
         if self.sinks:
             self.sinks.close()
         return record

@@ -1,5 +1,5 @@
 """Pretraining, as the training core's work: a GPT or BERT, its samples (every DP rank its share of each global
-batch), validation during the run and a final test evaluation."""
+batch), validation during the run and a final test evaluation; a GPT then shows a short greedy sample."""
 
 from __future__ import annotations
 
@@ -8,13 +8,15 @@ import math
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer
 
 from megatron_exp.config import Config, RunSpec
 from megatron_exp.data import token_store
 from megatron_exp.data.bert_dataset import BERTSamples, Vocabulary
 from megatron_exp.data.gpt_dataset import GPTSamples, micro_batch_positions
-from megatron_exp.hardware import device_of
-from megatron_exp.models import build_model
+from megatron_exp.data.tokenizer import EOD
+from megatron_exp.hardware import autocast, device_of
+from megatron_exp.models import build_model, generation
 from megatron_exp.models.contract import Batch
 from megatron_exp.parallel import random
 from megatron_exp.parallel.pipeline import PipelineLayout, bubble_fraction
@@ -25,6 +27,9 @@ from megatron_exp.training.loop import Cadence, Cost, TrainingLoop, reported
 from megatron_exp.training.schedule import MicroBatches
 
 log = logging.getLogger(__name__)
+
+# After training, a GPT continues this prompt greedily by up to this many tokens: a glance at what it learned.
+SAMPLE_PROMPT, SAMPLE_TOKENS = "The", 32
 
 
 def load_samples(cfg: Config) -> dict[str, GPTSamples | BERTSamples]:
@@ -143,6 +148,27 @@ def build(spec: RunSpec[Config], grid: ProcessGrid) -> TrainingLoop:
     return loop
 
 
+def log_sample(spec: RunSpec[Config], model: torch.nn.Module, grid: ProcessGrid) -> None:
+    """A GPT's greedy continuation of SAMPLE_PROMPT, through the generation code (KV cache, vocab-parallel
+    argmax), printed by rank 0. One DP replica computes it (they hold the same model); a pipeline does not."""
+    cfg = spec.config
+    if cfg.model.arch != "gpt" or grid.dp.rank != 0:
+        return
+    if grid.pp.size > 1:
+        if grid.rank == 0:
+            log.info("no greedy sample at parallel.pp>1: generate from a checkpoint (python -m megatron_exp.generate)")
+        return
+    tokenizer = Tokenizer.from_file(str(Path(spec.run_dir) / "tokenizer.json"))
+    prompt = tokenizer.encode(SAMPLE_PROMPT).ids
+    tokens, real = generation.pad([prompt])
+    count = min(SAMPLE_TOKENS, cfg.model.seq_len - len(prompt))
+    cast = autocast(cfg.hardware.precision, model.device)
+    (new,) = generation.generate(model, tokens, real, count, stop_token=tokenizer.token_to_id(EOD), autocast=cast)
+    if grid.rank == 0:
+        log.info("greedy sample: %r", SAMPLE_PROMPT + tokenizer.decode(new))
+
+
 def train(spec: RunSpec[Config], grid: ProcessGrid) -> dict:
-    """One training rank, start to end; returns the last record."""
-    return build(spec, grid).run()
+    """One training rank, start to end; returns the last record (a GPT then logs a greedy sample)."""
+    loop = build(spec, grid)
+    return loop.run(after=lambda: log_sample(spec, loop.model, grid))

@@ -2,6 +2,7 @@
 
 import functools
 import json
+import logging
 from dataclasses import asdict
 
 import pytest
@@ -9,6 +10,8 @@ import torch
 
 from megatron_exp import preflight
 from megatron_exp.data import token_store
+from megatron_exp.data.tokenizer import train_bpe
+from megatron_exp.models import build_model
 from megatron_exp.parallel import state
 from megatron_exp.training import flops, loop, trainer
 from megatron_exp.training.loop import TrainingDiverged, TrainingLoop
@@ -117,3 +120,15 @@ def test_the_wandb_run_id_is_kept_in_the_run_directory_across_resumes(tmp_path, 
     assert first["resume"] == "allow" and first["mode"] == "offline" and first["dir"] == str(tmp_path)
     assert first["config"]["model"]["name"] == "gpt_mini"  # the full resolved config
     assert wandb_settings(compose_config(["logger=none"]).logger, str(tmp_path), {}) is None
+
+
+def test_a_gpt_run_ends_with_a_greedy_sample_and_a_bert_run_without(tmp_path, caplog, one_thread):
+    train_bpe(["The cat sat on the mat. The dog sat on the log."] * 20, 300).save(str(tmp_path / "tokenizer.json"))
+    caplog.set_level(logging.INFO, logger=trainer.log.name)
+    for preset in ("gpt_tiny", "bert_tiny"):
+        cfg = preflight.resolve(compose_config([f"model={preset}", "model.vocab_size=300"]), measure_peak=False)
+        model = build_model(cfg.model)
+        trainer.log_sample(training_spec(cfg, tmp_path), model, state.SERIAL)
+        assert model.training  # left as it was
+    (sample,) = [r.getMessage() for r in caplog.records if "greedy sample" in r.getMessage()]  # GPT's only
+    assert sample.startswith("greedy sample: 'The") and len(sample) > len("greedy sample: 'The'")
