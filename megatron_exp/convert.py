@@ -153,8 +153,9 @@ def _training_checkpoint(source: str) -> Path | None:
     if _hugging_face_name(source) is not None:
         return None
     directory = checkpoint.resolve(source)
-    meta = checkpoint.read_meta(directory)
-    return None if meta.get("weights_only") else directory
+    if checkpoint.read_meta(directory).get("weights_only"):
+        return None
+    return directory if "optimizer" in checkpoint.load_rank(directory, 0) else None
 
 
 def layout_key(tp: int, pp: int, virtual: int, dp: int) -> str:
