@@ -257,6 +257,10 @@ def prepare(composed: RaceConfig, run_dir: str, joined: bool) -> RunSpec[RaceCon
             f"parallel.pp={cfg.parallel.pp}: RACE fine-tuning runs on TP ranks only (a checkpoint of any pipeline "
             "layout loads); use parallel.pp=1"
         )
+    if cfg.parallel.distributed_optimizer:
+        raise ConfigError(
+            "parallel.distributed_optimizer=true shards Adam over DP, but RACE runs at dp=1: leave it off"
+        )
     par = cfg.parallel
     par.dp = 1
     if par.global_batch is None:

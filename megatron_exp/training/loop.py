@@ -26,6 +26,7 @@ from megatron_exp.parallel.mappings import all_reduce_
 from megatron_exp.parallel.pipeline import PipelineLayout, bubble_fraction
 from megatron_exp.parallel.state import ProcessGrid
 from megatron_exp.training import checkpoint, flops
+from megatron_exp.training.distributed_optimizer import DistributedOptimizer, is_shard, merged_state
 from megatron_exp.training.grad_sync import GradientSync
 from megatron_exp.training.metrics import MetricSinks
 from megatron_exp.training.optim import DynamicLossScaler, build_optimizer, learning_rate, optimizer_step
@@ -101,15 +102,22 @@ class TrainingLoop:
         resume: str | None = None,
         pipeline: PipelineLayout | None = None,
         schedule: str = "1f1b",
+        distributed_optimizer: bool = False,
     ):
         """`wandb`: wandb.init arguments (used on global rank 0); `resume`: a checkpoint directory to continue;
-        `pipeline`: the layout of a pipeline of more than one stage, run with `schedule`."""
+        `pipeline`: the layout of a pipeline of more than one stage, run with `schedule`; `distributed_optimizer`:
+        Adam's state sharded over DP (training/distributed_optimizer.py)."""
         self.work, self.grid, self.model = work, grid, work.model
         self.optimizer_cfg, self.hardware, self.cadence, self.run_dir = optimizer, hardware, cadence, run_dir
         self.device = self.model.device
         self.parameters = list(self.model.parameters())
-        self.sync_gradients = GradientSync(self.model, grid)
-        self.optimizer = build_optimizer(self.model, optimizer)
+        self.distributed_optimizer = distributed_optimizer
+        if distributed_optimizer:
+            self.optimizer = DistributedOptimizer(self.model, optimizer, grid)
+            self.sync_gradients = GradientSync(self.model, grid, flat=self.optimizer.grads)
+        else:
+            self.optimizer = build_optimizer(self.model, optimizer)
+            self.sync_gradients = GradientSync(self.model, grid)
         self.scaler = DynamicLossScaler(self.device) if hardware.precision == "fp16" else None
         scale, cast = (self.scaler.scale if self.scaler else None), autocast(hardware.precision, self.device)
         if pipeline is not None and pipeline.stages > 1:
@@ -160,11 +168,21 @@ class TrainingLoop:
         checkpoint.save(self.run_dir, iteration, state, grid.rank, meta, self.cadence.keep)
 
     def _restore(self, directory: Path) -> None:
-        """Continue exactly where the checkpoint left off: weights, optimizer, loss scale, RNG, data position."""
-        state = checkpoint.load_rank(directory, self.grid.rank)
-        path = checkpoint.rank_file(directory, self.grid.rank)
+        """Continue exactly where the checkpoint left off: weights, optimizer, loss scale, RNG, data position.
+
+        Saved at another DP degree (the same TP and PP layout), this rank reads DP replica 0 of its (stage, TP
+        rank) position: DP replicas hold the same weights, loss scale and RNG streams. Adam's state is converted
+        where it was saved with or without the distributed optimizer, or sliced at another DP degree."""
+        meta, grid = checkpoint.read_meta(directory), self.grid
+        same_dp = meta["dp"] == grid.dp.size
+        rank = grid.rank if same_dp else checkpoint.stage_ranks(meta, grid.pp.rank)[grid.tp.rank]
+        state = checkpoint.load_rank(directory, rank)
+        path = checkpoint.rank_file(directory, rank)
         checkpoint.load_into(self.model, state["model"], path, "model")
-        checkpoint.load_into(self.optimizer, state["optimizer"], path, "optimizer state")
+        optimizer_state = state["optimizer"]
+        if is_shard(optimizer_state) and not (self.distributed_optimizer and same_dp):
+            optimizer_state = merged_state(directory, grid.pp.rank, grid.tp.rank)
+        checkpoint.load_into(self.optimizer, optimizer_state, path, "optimizer state")
         if self.scaler and state["loss_scaler"]:
             self.scaler.load_state_dict(state["loss_scaler"])
         random.set_rng_state(state["rng"], self.device)
@@ -184,7 +202,10 @@ class TrainingLoop:
         terms = self.schedule.train(batches)
         self.sync_gradients()
         clip = self.optimizer_cfg.clip_grad
-        norm, skipped = optimizer_step(self.optimizer, self.parameters, clip, self.grid, self.scaler)
+        if self.distributed_optimizer:
+            norm, skipped = self.optimizer.step(clip, self.scaler)
+        else:
+            norm, skipped = optimizer_step(self.optimizer, self.parameters, clip, self.grid, self.scaler)
         return terms, norm, skipped
 
     def _train_record(self, iteration: int, steps: int, means: dict, norm: float, skipped: float, seconds: float):
