@@ -191,6 +191,9 @@ class ParallelConfig(Schema):
     # sequences per optimizer step; None: micro_batch x dp (no accumulation)
     global_batch: int | None = checked(None, **POSITIVE)
     activation_checkpointing: bool = False  # recompute each layer in backward: less memory, ~1/3 more compute
+    # ZeRO stage 1: Adam's moments (and fp32 main weights, where parameters are lower precision) sharded over the DP
+    # group; gradients reduce-scattered, updated parameters all-gathered: Adam costs 8/dp bytes per parameter
+    distributed_optimizer: bool = False
     timeout_s: int = checked(600, **POSITIVE)  # a collective waiting longer than this fails the job instead of hanging
 
 

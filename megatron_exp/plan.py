@@ -4,6 +4,11 @@ Builds one rank's shard on the meta device (nothing allocated) and prints, per r
 weights, gradients and Adam state (fp32: 4 + 4 + 8 bytes per parameter); activation memory at the configured
 micro batch with and without activation checkpointing; FLOPs per iteration; and whether it fits the device.
 
+With `parallel.distributed_optimizer=true` each DP rank keeps 1/dp of Adam's moments: 4 + 4 + 8/dp bytes per
+parameter. The parameters are fp32 (autocast runs bf16/fp16), so they are their own main weights; Megatron's count
+on GPU, bf16 parameters with fp32 main gradients, main weights and moments, is 2 + 4 + (4 + 8)/dp = 6 + 12/dp
+(18 unsharded), which the mixed-precision change (bf16 parameters) will bring.
+
 Activations are what autograd keeps for backward in this implementation, measured and then written down here
 (tests/test_plan.py checks the estimate against a measurement). Per layer and TP degree t, in elements:
     b s h (4 + 12/t)   layer input, the two layernorm outputs, q/k/v, attention output, the MLP's two 4h tensors
@@ -94,7 +99,8 @@ def estimate(cfg: Config) -> dict:
     par, m = cfg.parallel, cfg.model
     seq = cfg.data.seq_len or m.seq_len
     vocab = padded_vocab_size(m.vocab_size, par.tp)
-    states = per_rank * preflight.BYTES_PER_PARAMETER
+    states = per_rank * preflight.state_bytes_per_parameter(cfg)
+    shards = par.dp if par.distributed_optimizer else 1  # Adam's moments split over DP
     # the stage that needs the most (weights differ little between stages; activations and the head do)
     stage = max(range(par.pp), key=lambda s: activation_bytes(cfg, par.activation_checkpointing, stage=s))
     activations = {ac: activation_bytes(cfg, ac, stage=stage) for ac in (False, True)}
@@ -105,7 +111,7 @@ def estimate(cfg: Config) -> dict:
         "parameters_per_rank": per_rank,
         "weights_gb": per_rank * 4 / 1e9,
         "gradients_gb": per_rank * 4 / 1e9,
-        "optimizer_gb": per_rank * 8 / 1e9,
+        "optimizer_gb": per_rank * 8 / shards / 1e9,
         "activations_gb": activations[False] / 1e9,
         "activations_checkpointed_gb": activations[True] / 1e9,
         "total_gb": (states + used) / 1e9,
@@ -124,12 +130,13 @@ def report(cfg: Config, plan: dict) -> str:
     par = cfg.parallel
     stage = f", stage {plan['largest_stage']} (the largest)" if par.pp > 1 else ""
     fits = {None: "unknown (no device memory given)", True: "yes", False: "NO"}[plan["fits"]]
+    sharded = f" / dp={par.dp}" if par.distributed_optimizer else ""  # the distributed optimizer
     rows = [
         ("parameters (whole model)", f"{plan['parameters_total'] / 1e9:.3f}B"),
         ("parameters per rank", f"{plan['parameters_per_rank'] / 1e9:.3f}B"),
         ("weights (fp32)", f"{plan['weights_gb']:.2f} GB"),
         ("gradients (fp32)", f"{plan['gradients_gb']:.2f} GB"),
-        ("Adam state (2 x fp32)", f"{plan['optimizer_gb']:.2f} GB"),
+        (f"Adam state (2 x fp32{sharded})", f"{plan['optimizer_gb']:.2f} GB"),
         (f"activations, micro batch {par.micro_batch}{stage}", f"{plan['activations_gb']:.2f} GB"),
         ("activations with checkpointing", f"{plan['activations_checkpointed_gb']:.2f} GB"),
         ("total per rank (as configured)", f"{plan['total_gb']:.2f} GB"),

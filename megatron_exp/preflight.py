@@ -1,7 +1,8 @@
 """Everything checked before a worker starts: fill in derived values, then fail fast with one clear line.
 
 Each ConfigError names the key at fault and a fix. The memory check counts one rank's parameters on the meta
-device (nothing is allocated) at 16 bytes each: fp32 weights, gradients, and Adam's two moments.
+device (nothing is allocated) at 16 bytes each: fp32 weights, gradients, and Adam's two moments (8 + 8 / dp with
+the distributed optimizer, which shards the moments over DP).
 """
 
 from __future__ import annotations
@@ -22,6 +23,12 @@ from megatron_exp.parallel.sharding import ShardSpec
 log = logging.getLogger(__name__)
 
 BYTES_PER_PARAMETER = 16  # fp32 weight + fp32 gradient + Adam exp_avg + exp_avg_sq
+
+
+def state_bytes_per_parameter(cfg: Config) -> float:
+    """Weights, gradients and Adam's state per parameter of a rank: 4 + 4 + 8, the 8 of Adam's two fp32 moments
+    divided by dp with the distributed optimizer (the weights are fp32 here, so they are their own main weights)."""
+    return BYTES_PER_PARAMETER - 8 + (8 / cfg.parallel.dp if cfg.parallel.distributed_optimizer else 8)
 
 
 def resolve(composed: Config, world_size: int | None = None, measure_peak: bool = True) -> Config:
@@ -156,8 +163,9 @@ def _check_memory(cfg: Config, workers: int) -> None:
     if hw.memory_gb is None:
         return
     per_rank, total = parameter_counts(cfg)
-    need_rank = per_rank * BYTES_PER_PARAMETER / 1e9
-    need_total = total * BYTES_PER_PARAMETER / 1e9
+    per_parameter = state_bytes_per_parameter(cfg)
+    need_rank = per_rank * per_parameter / 1e9
+    need_total = total * per_parameter / 1e9
     # GPUs each hold one rank; CPU workers share the machine's memory.
     need, have = (need_rank, hw.memory_gb) if hw.device == "cuda" else (need_rank * workers, hw.memory_gb)
     if need > have:
@@ -166,7 +174,7 @@ def _check_memory(cfg: Config, workers: int) -> None:
         )
         raise ConfigError(
             f"model={cfg.model.name} with parallel.tp={cfg.parallel.tp} needs ~{need_total:.0f} GB for weights, "
-            f"gradients and Adam state ({total / 1e9:.2f}B parameters x {BYTES_PER_PARAMETER} bytes; "
+            f"gradients and Adam state ({total / 1e9:.2f}B parameters x {per_parameter:g} bytes; "
             f"~{need_rank:.1f} GB on each of {cfg.parallel.tp} TP ranks) but {where}: run it on "
             f"{cfg.parallel.tp} GPUs with more than {need_rank:.0f} GB each (e.g. hardware=h100), raise "
             "parallel.tp, or choose a smaller model (python -m megatron_exp.plan with the same overrides shows the "

@@ -66,3 +66,20 @@ def test_pipeline_benchmark_quick_run_reports_step_time_against_the_bubble(tmp_p
     assert all(r["s"] > 0 and len(r["idle_per_stage"]) == r["pp"] for r in rows)
     assert all(0 < idle < 1 for r in rows[1:] for idle in r["idle_per_stage"])  # stages of a pipeline wait
     assert "| measured / predicted |" in done.stdout
+
+
+@pytest.mark.slow
+def test_distributed_optimizer_benchmark_quick_run_compares_the_three_optimizers(tmp_path):
+    out = tmp_path / "distributed_optimizer.json"
+    done = subprocess.run(
+        [sys.executable, "benchmarks/distributed_optimizer.py", "--quick", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
+    assert list(rows) == ["plain", "zero", "ours"] and all(r["update_s"] > 0 for r in rows.values())
+    assert rows["plain"]["fullest_vs_even"] == 2.0 and rows["ours"]["fullest_vs_even"] == 1.0  # 1/dp of Adam each
+    assert rows["ours"]["loss"] == pytest.approx(rows["plain"]["loss"], rel=1e-5)

@@ -9,7 +9,7 @@ import torch
 from megatron_exp import preflight
 from megatron_exp.models.gpt import GPTModel
 from megatron_exp.parallel import random
-from megatron_exp.plan import activation_bytes, estimate, layer_activation_bytes, measure_activation_bytes
+from megatron_exp.plan import activation_bytes, estimate, layer_activation_bytes, measure_activation_bytes, report
 from tests.conftest import CONF_DIR, compose_config
 
 
@@ -42,6 +42,19 @@ def test_gpt_8b_at_tp8_counts_and_state_memory_by_hand():
         )
     )
     assert recompute["fits"] is True  # ... with activation checkpointing, as in the paper, it does
+
+
+def test_the_distributed_optimizer_keeps_1_over_dp_of_adams_state_per_rank():
+    common = ["model=gpt_8b", "parallel.tp=8", "parallel.dp=4", "data/tokenizer=gpt2", "hardware=a100"]
+    plain = estimate(_resolved(common))
+    cfg = _resolved([*common, "parallel.distributed_optimizer=true"])
+    sharded = estimate(cfg)
+    per_rank = sharded["parameters_per_rank"]
+    assert sharded["optimizer_gb"] == pytest.approx(plain["optimizer_gb"] / 4) == pytest.approx(per_rank * 8 / 4 / 1e9)
+    assert (sharded["weights_gb"], sharded["gradients_gb"]) == (plain["weights_gb"], plain["gradients_gb"])
+    assert preflight.state_bytes_per_parameter(cfg) == 4 + 4 + 8 / 4
+    assert plain["total_gb"] - sharded["total_gb"] == pytest.approx(per_rank * 6 / 1e9)
+    assert "Adam state (2 x fp32 / dp=4)" in report(cfg, sharded)
 
 
 def test_pipeline_stages_count_their_layers_the_micro_batches_in_flight_and_their_ends():

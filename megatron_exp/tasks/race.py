@@ -356,6 +356,8 @@ def prepare(composed: RaceConfig, run_dir: str, joined: bool) -> RunSpec[RaceCon
         cfg.optimizer.warmup_iters = round(task.warmup_fraction * steps)
         cfg.optimizer.decay_iters = steps
         _collect(problems, cfg.optimizer.validate)
+    if par.distributed_optimizer:
+        problems.append("parallel.distributed_optimizer=true shards Adam over DP, but RACE runs at dp=1: leave it off")
     hardware_cfg = _collect(problems, hardware.resolve, cfg.hardware, par.tp, True)
     if problems:
         raise all_at_once(problems)

@@ -1,7 +1,9 @@
 """Gradients that ranks share, made whole after a step's backward passes.
 
 - Data parallelism: every DP replica computed gradients on its own share of the global batch; they are
-  averaged, in flattened buckets (one all-reduce each, not one per parameter).
+  averaged, in flattened buckets (one all-reduce each, not one per parameter). With the distributed optimizer
+  (training/distributed_optimizer.py) the gradients already lie in one flat buffer, and its reduce-scatter gives
+  each DP rank the mean of only the slice it steps.
 - Pipeline parallelism: the word embedding is used by the first stage (input) and the last (tied output layer);
   each holds a copy, and the embedding group sums their gradients so the copies take the same step.
 
@@ -28,12 +30,34 @@ def tied_embedding(model: nn.Module) -> nn.Parameter | None:
 
 
 class GradientSync:
-    def __init__(self, model: nn.Module, grid: ProcessGrid):
-        self.grid = grid
+    def __init__(self, model: nn.Module, grid: ProcessGrid, flat: torch.Tensor | None = None):
+        """`flat`: the distributed optimizer's gradient buffer (every parameter's gradient a view into it, its
+        length a multiple of dp): DP rank r gets the mean of its r-th 1/dp of it, in place, instead of every
+        gradient's mean."""
+        self.grid, self.flat = grid, flat
         self.parameters = [p for p in model.parameters() if p.requires_grad]
         self.embedding = tied_embedding(model) if grid.pp.size > 1 else None
 
     def __call__(self) -> None:
+        if self.flat is None:
+            self._all_reduce_over_dp()
+            self._sum_embedding()
+        else:
+            self._sum_embedding()  # first: the two stages lay out their flat buffers differently
+            self._reduce_scatter_over_dp()
+
+    def _sum_embedding(self) -> None:
+        if self.embedding is not None and self.embedding.grad is not None:
+            dist.all_reduce(self.embedding.grad, group=self.grid.embedding)
+
+    def _reduce_scatter_over_dp(self) -> None:
+        dp = self.grid.dp
+        if dp.size > 1:
+            own = self.flat.view(dp.size, -1)[dp.rank]
+            dist.reduce_scatter_single(own, self.flat, group=dp.handle)
+            own /= dp.size
+
+    def _all_reduce_over_dp(self) -> None:
         if self.grid.dp.size > 1:
             for bucket in self._buckets():
                 flat = _flatten_dense_tensors(bucket)
@@ -41,8 +65,6 @@ class GradientSync:
                 flat /= self.grid.dp.size
                 for grad, reduced in zip(bucket, _unflatten_dense_tensors(flat, bucket), strict=True):
                     grad.copy_(reduced)
-        if self.embedding is not None and self.embedding.grad is not None:
-            dist.all_reduce(self.embedding.grad, group=self.grid.embedding)
 
     def _buckets(self) -> list[list[torch.Tensor]]:
         buckets, current, size = [], [], 0

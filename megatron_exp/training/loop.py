@@ -27,6 +27,7 @@ from megatron_exp.parallel.mappings import all_reduce_
 from megatron_exp.parallel.pipeline import PipelineLayout, bubble_fraction
 from megatron_exp.parallel.state import ProcessGrid
 from megatron_exp.training import checkpoint, flops, reshard
+from megatron_exp.training.distributed_optimizer import DistributedOptimizer, is_shard, merged_state
 from megatron_exp.training.grad_sync import GradientSync
 from megatron_exp.training.metrics import MetricSinks
 from megatron_exp.training.optim import DynamicLossScaler, build_optimizer, learning_rate, optimizer_step
@@ -103,16 +104,23 @@ class TrainingLoop:
         pipeline: PipelineLayout | None = None,
         schedule: str = "1f1b",
         seed: int = 0,
+        distributed_optimizer: bool = False,
     ):
         """`wandb`: wandb.init arguments (used on global rank 0); `resume`: a checkpoint directory to continue (at
         any layout); `pipeline`: the layout of a pipeline of more than one stage, run with `schedule`; `seed`: the
-        run's seed, from which a layout change re-derives the dropout streams."""
+        run's seed, from which a layout change re-derives the dropout streams; `distributed_optimizer`: Adam's
+        state sharded over DP (training/distributed_optimizer.py)."""
         self.work, self.grid, self.model = work, grid, work.model
         self.optimizer_cfg, self.hardware, self.cadence, self.run_dir = optimizer, hardware, cadence, run_dir
         self.device = self.model.device
         self.parameters = list(self.model.parameters())
-        self.sync_gradients = GradientSync(self.model, grid)
-        self.optimizer = build_optimizer(self.model, optimizer)
+        self.distributed_optimizer = distributed_optimizer
+        if distributed_optimizer:
+            self.optimizer = DistributedOptimizer(self.model, optimizer, grid)
+            self.sync_gradients = GradientSync(self.model, grid, flat=self.optimizer.grads)
+        else:
+            self.optimizer = build_optimizer(self.model, optimizer)
+            self.sync_gradients = GradientSync(self.model, grid)
         self.scaler = DynamicLossScaler(self.device) if hardware.precision == "fp16" else None
         scale, cast = (self.scaler.scale if self.scaler else None), autocast(hardware.precision, self.device)
         if pipeline is not None and pipeline.stages > 1:
@@ -164,16 +172,25 @@ class TrainingLoop:
 
     def _restore(self, directory: Path) -> None:
         """Continue exactly where the checkpoint left off: weights, optimizer, loss scale, RNG, data position (it
-        follows from the iteration and the global batch). Saved at another layout: see `_restore_resharded`."""
-        meta = checkpoint.read_meta(directory)
+        follows from the iteration and the global batch). Saved at another TP or PP layout: `_restore_resharded`.
+
+        Saved at another DP degree (the same TP and PP layout), this rank reads DP replica 0 of its (stage, TP
+        rank) position: DP replicas hold the same weights, loss scale and RNG streams. Adam's state is converted
+        where it was saved with or without the distributed optimizer, or sliced at another DP degree."""
+        meta, grid = checkpoint.read_meta(directory), self.grid
         saved = (*checkpoint.layout_of(meta), meta["dp"])
-        if saved != (self.grid.tp.size, self.grid.pp.size, self.layout.virtual, self.grid.dp.size):
+        if saved[:3] != (grid.tp.size, grid.pp.size, self.layout.virtual):
             self._restore_resharded(directory, saved)
             return
-        state = checkpoint.load_rank(directory, self.grid.rank)
-        path = checkpoint.rank_file(directory, self.grid.rank)
+        same_dp = meta["dp"] == grid.dp.size
+        rank = grid.rank if same_dp else checkpoint.stage_ranks(meta, grid.pp.rank)[grid.tp.rank]
+        state = checkpoint.load_rank(directory, rank)
+        path = checkpoint.rank_file(directory, rank)
         checkpoint.load_into(self.model, state["model"], path, "model")
-        checkpoint.load_into(self.optimizer, state["optimizer"], path, "optimizer state")
+        optimizer_state = state["optimizer"]
+        if is_shard(optimizer_state) and not (self.distributed_optimizer and same_dp):
+            optimizer_state = merged_state(directory, grid.pp.rank, grid.tp.rank)
+        checkpoint.load_into(self.optimizer, optimizer_state, path, "optimizer state")
         if self.scaler and state["loss_scaler"]:
             self.scaler.load_state_dict(state["loss_scaler"])
         self.start_iteration = state["iteration"]
@@ -218,7 +235,10 @@ class TrainingLoop:
         terms = self.schedule.train(batches)
         self.sync_gradients()
         clip = self.optimizer_cfg.clip_grad
-        norm, skipped = optimizer_step(self.optimizer, self.parameters, clip, self.grid, self.scaler)
+        if self.distributed_optimizer:
+            norm, skipped = self.optimizer.step(clip, self.scaler)
+        else:
+            norm, skipped = optimizer_step(self.optimizer, self.parameters, clip, self.grid, self.scaler)
         return terms, norm, skipped
 
     def _train_record(self, iteration: int, steps: int, means: dict, norm: float, skipped: float, seconds: float):

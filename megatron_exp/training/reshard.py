@@ -23,6 +23,7 @@ from megatron_exp.parallel.pipeline import PipelineLayout
 from megatron_exp.parallel.sharding import merge_state_dicts, shard_specs
 from megatron_exp.parallel.state import Group, ProcessGrid
 from megatron_exp.training import checkpoint
+from megatron_exp.training.distributed_optimizer import is_shard, merged_state
 from megatron_exp.training.optim import optimizer_groups, optimizer_order
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -33,9 +34,10 @@ def _stage_optimizer_states(directory: Path, stage: int, part_model: nn.Module) 
     meta = checkpoint.read_meta(directory)
     names = optimizer_order(part_model)
     specs = shard_specs(part_model)
-    shards = [
-        checkpoint.load_rank(directory, rank)["optimizer"]["state"] for rank in checkpoint.stage_ranks(meta, stage)
-    ]
+    shards = []
+    for tp_rank, rank in enumerate(checkpoint.stage_ranks(meta, stage)):
+        saved = checkpoint.load_rank(directory, rank)["optimizer"]
+        shards.append((merged_state(directory, stage, tp_rank) if is_shard(saved) else saved)["state"])
     merged = {}
     for key in MOMENTS:
         per_rank = [{names[index]: entry[key] for index, entry in shard.items()} for shard in shards]

@@ -142,6 +142,7 @@ def build(spec: RunSpec[Config], grid: ProcessGrid) -> TrainingLoop:
         work, grid, optimizer=cfg.optimizer, hardware=cfg.hardware, cadence=cadence, run_dir=spec.run_dir,
         wandb=spec.wandb if grid.rank == 0 else None, resume=cfg.resume, pipeline=work.layout,
         schedule=cfg.parallel.schedule, seed=cfg.train.seed,
+        distributed_optimizer=cfg.parallel.distributed_optimizer,
     )  # fmt: skip
     if grid.rank == 0:
         log.info(work.describe())
