@@ -280,7 +280,7 @@ def prepare(composed: RaceConfig, run_dir: str, joined: bool) -> RunSpec[RaceCon
         splits[split] = str(inputs_dir / f"{split}.npz")
         np.savez(splits[split], **encode_split(split_questions, tokenizer, cfg))
     (Path(run_dir) / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-    wandb = wandb_settings(cfg.logger, run_dir, asdict(cfg))
+    wandb = wandb_settings(cfg.logger, run_dir, asdict(cfg), gpu=cfg.hardware.device == "cuda")
     inputs = {"checkpoint": str(directory), "splits": splits}
     return RunSpec(cfg, run_dir, workers=par.tp, joined=joined, wandb=wandb, inputs=inputs)
 
