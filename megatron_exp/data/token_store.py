@@ -124,8 +124,16 @@ def prepare(cfg: DataConfig, by_sentence: bool = False) -> Path:
     path = cache_path(cfg, by_sentence)
     if (path / "meta.json").is_file():
         log.info("data: using cached tokens at %s", path)
-        return path
-    log.info("data: building %s from %s (once; later runs reuse it)", path, cfg.source)
+    else:
+        log.info("data: building %s from %s (once; later runs reuse it)", path, cfg.source)
+        _build(cfg, by_sentence, path)
+    counts = read_meta(path)["splits"]
+    for split in corpus.SPLITS:  # how much text the run learns from, in every run's log
+        log.info("data: %s: %d documents, %d tokens", split, counts[split]["documents"], counts[split]["tokens"])
+    return path
+
+
+def _build(cfg: DataConfig, by_sentence: bool, path: Path) -> None:
     splits = corpus.load_splits(cfg)
     tok = tokenizer.build(cfg.tokenizer, splits["train"]["text"])
     encode = _sentence_encoder(tok) if by_sentence else _document_encoder(tok)
@@ -151,9 +159,6 @@ def prepare(cfg: DataConfig, by_sentence: bool = False) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for split, c in counts.items():
-        log.info("data: %s: %d documents, %d tokens", split, c["documents"], c["tokens"])
-    return path
 
 
 def read_meta(path: Path) -> dict:
