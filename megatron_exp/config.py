@@ -239,9 +239,10 @@ class TokenizerConfig(Schema):
 
 @dataclass
 class DataConfig(Schema):
-    name: str = "python_docs"
-    # builtin:python_docs | hub:<dataset name> | a local file, directory or glob (text, jsonl/json, parquet)
-    source: str = "builtin:python_docs"
+    name: str = "bible"
+    # builtin:bible | builtin:python_docs | hub:<dataset name> | a local file, directory or glob (text, jsonl/json,
+    # parquet)
+    source: str = "builtin:bible"
     hub_config: str | None = None  # the hub dataset's configuration, e.g. wikitext-103-raw-v1
     text_field: str = "text"
     # plain-text files: what one document is
@@ -285,10 +286,10 @@ class LoggerConfig(Schema):
 
 @dataclass
 class TrainConfig(Schema):
-    iterations: int = checked(150, **POSITIVE)
+    iterations: int = checked(300, **POSITIVE)
     log_interval: int = checked(10, **POSITIVE)
     eval_interval: int = checked(50, **NON_NEGATIVE)  # 0: only the final evaluation
-    eval_iters: int = checked(10, **POSITIVE)  # batches per validation
+    eval_iters: int = checked(15, **POSITIVE)  # batches per validation (read from the split's start)
     seed: int = checked(1234, **NON_NEGATIVE)
     # torch.compile each transformer layer: fused elementwise kernels on GPU; needs a C++ compiler on CPU, where
     # benchmarks/cpu_training.py shows no consistent gain (off by default)

@@ -149,7 +149,7 @@ def prepare(composed: Config, run_dir: str, joined: bool) -> RunSpec[Config]:
         name = "config.yaml" if not cfg.resume else f"config.resume-{Path(cfg.resume).name}.yaml"
         (Path(run_dir) / name).write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     workers = cfg.parallel.tp * cfg.parallel.dp * cfg.parallel.pp
-    wandb = wandb_settings(cfg.logger, run_dir, asdict(cfg)) if rank0 else None
+    wandb = wandb_settings(cfg.logger, run_dir, asdict(cfg), gpu=cfg.hardware.device == "cuda") if rank0 else None
     return RunSpec(cfg, run_dir, workers, joined, wandb)
 
 

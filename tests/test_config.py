@@ -65,7 +65,7 @@ def test_default_config_composes_into_the_schema():
     assert isinstance(cfg, Config)
     assert cfg.model.name == "gpt_mini"
     assert cfg.model.vocab_size == cfg.data.tokenizer.vocab_size == 8192  # the model follows the tokenizer
-    assert cfg.data.source == "builtin:python_docs"
+    assert cfg.data.source == "builtin:bible"
     assert cfg.logger.mode == "offline"
 
 

@@ -99,4 +99,5 @@ def test_the_entry_point_prints_the_plan(tmp_path):
                           env={"PYTHONPATH": str(CONF_DIR.parent), "PATH": "/usr/bin:/bin"})  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     assert "parameters per rank" in done.stdout and "fits" in done.stdout
+    assert "8.317B" in done.stdout  # the preset alone selects GPT-2's BPE, padded to 51,200 at TP=8
     assert list(tmp_path.iterdir()) == []  # the planner writes nothing

@@ -57,7 +57,7 @@ def test_each_invalid_config_fails_with_one_line_naming_the_key(overrides, world
 
 def test_gpt_8b_at_tp8_does_not_fit_this_machine_and_says_what_would():
     with pytest.raises(ConfigError) as failure:
-        _checked(["model=gpt_8b", "parallel.tp=8", "data/tokenizer=gpt2"])
+        _checked(["model=gpt_8b", "parallel.tp=8"])
     message = str(failure.value)
     assert "model=gpt_8b with parallel.tp=8 needs ~133 GB" in message  # 8.32B parameters x 16 bytes
     assert "8.32B parameters" in message and "on each of 8 TP ranks" in message
@@ -66,7 +66,7 @@ def test_gpt_8b_at_tp8_does_not_fit_this_machine_and_says_what_would():
 
 def test_gpu_memory_is_checked_per_device(monkeypatch):
     monkeypatch.setattr(preflight.torch.cuda, "device_count", lambda: 8)
-    cfg = compose_config(["model=gpt_8b", "hardware=v100", "data/tokenizer=gpt2", "parallel.tp=1"])
+    cfg = compose_config(["model=gpt_8b", "hardware=v100", "parallel.tp=1"])
     cfg = preflight.resolve(cfg)
     with pytest.raises(ConfigError, match=r"~133 GB .* each v100 GPU has 32 GB"):
         preflight.validate(cfg)
@@ -83,7 +83,7 @@ def test_more_workers_than_gpus_is_an_error(monkeypatch):
 
 
 def test_parameter_counts_on_the_meta_device():
-    cfg = compose_config(["model=gpt_8b", "data/tokenizer=gpt2", "parallel.tp=8"])
+    cfg = compose_config(["model=gpt_8b", "parallel.tp=8"])
     per_rank, total = preflight.parameter_counts(cfg)
     h, l = 3072, 72
     assert total == 12 * l * h * h + 13 * l * h + (51200 + 1024) * h + 2 * h

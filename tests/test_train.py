@@ -1,6 +1,7 @@
 """End to end: `python -m megatron_exp.train` as a user runs it, in a subprocess, on a tiny model."""
 
 import csv
+import itertools
 import json
 import os
 import re
@@ -100,9 +101,24 @@ def test_a_failing_worker_stops_the_job_with_its_error(tmp_path, shared_cache):
     assert "error: worker rank" in output and "TrainingDiverged: loss became nan" in output
 
 
+def test_the_default_run_learns_from_a_million_tokens_without_overfitting(tmp_path, shared_cache):
+    """The default command (corpus, model, optimizer, batch, cadence), shortened to 100 iterations of 64 tokens."""
+    run_dir = tmp_path / "run"
+    done = train(run_dir, "train.iterations=100", "train.eval_interval=25", "data.seq_len=64", cache=shared_cache)
+    assert done.returncode == 0, done.stdout + done.stderr
+    line = re.search(r"data: train: (\d+) documents, (\d+) tokens", done.stdout + done.stderr)
+    documents, tokens = int(line[1]), int(line[2])
+    assert documents > 2000 and tokens > 1_000_000  # each chapter in two translations; every run's log says so
+    metrics = records(run_dir)
+    valid = [r["valid/loss"] for r in metrics if "valid/loss" in r]
+    assert len(valid) == 4 and all(later < earlier for earlier, later in itertools.pairwise(valid)), valid
+    last_train = [r["train/loss"] for r in metrics if "train/loss" in r][-1]
+    assert abs(valid[-1] - last_train) < 0.1 * last_train, (valid[-1], last_train)  # tracks it: no overfitting
+
+
 def test_gpt_8b_at_tp8_fails_before_any_worker_starts(tmp_path, shared_cache):
     run_dir = tmp_path / "run"
-    done = train(run_dir, "model=gpt_8b", "parallel.tp=8", "data/tokenizer=gpt2", cache=shared_cache)
+    done = train(run_dir, "model=gpt_8b", "parallel.tp=8", cache=shared_cache)  # the preset selects GPT-2's BPE
     assert done.returncode == 2
     errors = [line for line in (done.stdout + done.stderr).splitlines() if "error:" in line]
     assert len(errors) == 1 and "needs ~133 GB" in errors[0] and "run it on 8 GPUs" in errors[0]

@@ -1,7 +1,5 @@
-"""Raw documents for train/valid/test, through `datasets`: the embedded corpus, a hub dataset, or local files.
-
-The embedded default is Python's own documentation (`pydoc_data.topics`, in every Python install: ~465 KB of
-English prose about the language, one document per topic), so the default run needs no download.
+"""Raw documents for train/valid/test, through `datasets`: a builtin corpus (data/builtin.py: the default
+needs no download), a hub dataset, or local files.
 """
 
 from __future__ import annotations
@@ -14,6 +12,7 @@ import numpy as np
 from datasets import Dataset, DatasetDict, load_dataset
 
 from megatron_exp.config import ConfigError, DataConfig
+from megatron_exp.data import builtin
 from megatron_exp.data.files import check_corpus_file
 
 SPLITS = ("train", "valid", "test")
@@ -22,15 +21,6 @@ _FORMATS = {
     ".txt": "text", ".text": "text", ".tokens": "text", ".raw": "text", ".md": "text",
     ".json": "json", ".jsonl": "json", ".parquet": "parquet",
 }  # fmt: skip
-
-
-def _python_docs() -> list[str]:
-    from pydoc_data.topics import topics
-
-    return [topics[name] for name in sorted(topics)]
-
-
-BUILTIN = {"python_docs": _python_docs}
 
 
 def local_files(source: str) -> list[str]:
@@ -43,23 +33,27 @@ def local_files(source: str) -> list[str]:
     if not files:
         raise ConfigError(
             f"data.source={source} matches no data files: give a text/jsonl/parquet file, a directory of them, "
-            "a glob, hub:<dataset name> or builtin:python_docs"
+            f"a glob, hub:<dataset name> or builtin:<{'|'.join(builtin.BUILTIN)}>"
         )
     return files
 
 
 def describe_source(cfg: DataConfig) -> dict:
     """What identifies the raw data, for the cache key: local files by path, size and modification time."""
-    if cfg.source.startswith(("builtin:", "hub:")):
+    if cfg.source.startswith("builtin:"):
+        return {"source": cfg.source, "version": builtin.get(cfg.source).version()}
+    if cfg.source.startswith("hub:"):
         return {"source": cfg.source, "hub_config": cfg.hub_config}
     return {"files": [(f, os.path.getsize(f), os.path.getmtime(f)) for f in local_files(cfg.source)]}
 
 
-def _split_by_fraction(docs: Dataset, fractions: list[float]) -> dict[str, Dataset]:
-    """A seeded shuffle of the documents cut into train/valid/test; valid and test get at least one each."""
+def _split_by_fraction(docs: Dataset, fractions: list[float], groups: list[str] | None = None) -> dict[str, Dataset]:
+    """A seeded shuffle of the documents cut into train/valid/test; valid and test get at least one each. With
+    `groups` (one per document), the groups are shuffled and cut instead: a group's documents share a split."""
     if len(fractions) != 3 or any(f < 0 for f in fractions) or fractions[0] <= 0:
         raise ConfigError(f"data.split_fractions={fractions} must be three non-negative train/valid/test fractions")
-    n = len(docs)
+    group_of = np.unique(groups, return_inverse=True)[1] if groups else None
+    n = len(docs) if group_of is None else int(group_of.max()) + 1
     if n < 3:
         raise ConfigError(f"data.source has {n} documents: at least 3 are needed for train/valid/test splits")
     total = sum(fractions)
@@ -67,10 +61,16 @@ def _split_by_fraction(docs: Dataset, fractions: list[float]) -> dict[str, Datas
     order = np.random.default_rng(0).permutation(n)
     valid_end = counts[0]
     test_end = valid_end + counts[1]
+
+    def documents(chosen: np.ndarray) -> np.ndarray:
+        if group_of is None:
+            return chosen
+        return np.concatenate([np.flatnonzero(group_of == g) for g in chosen])
+
     return {
-        "valid": docs.select(order[:valid_end]),
-        "test": docs.select(order[valid_end:test_end]),
-        "train": docs.select(np.sort(order[test_end:])),
+        "valid": docs.select(documents(order[:valid_end])),
+        "test": docs.select(documents(order[valid_end:test_end])),
+        "train": docs.select(np.sort(documents(order[test_end:]))),
     }
 
 
@@ -86,10 +86,8 @@ def _text_only(ds: Dataset, field: str, source: str) -> Dataset:
 def load_splits(cfg: DataConfig) -> dict[str, Dataset]:
     """Documents of each split as a Dataset with one `text` column."""
     if cfg.source.startswith("builtin:"):
-        name = cfg.source.removeprefix("builtin:")
-        if name not in BUILTIN:
-            raise ConfigError(f"data.source={cfg.source} is unknown: builtin corpora are {sorted(BUILTIN)}")
-        return _split_by_fraction(Dataset.from_dict({"text": BUILTIN[name]()}), cfg.split_fractions)
+        groups, texts = zip(*builtin.get(cfg.source).documents(), strict=True)
+        return _split_by_fraction(Dataset.from_dict({"text": list(texts)}), cfg.split_fractions, list(groups))
 
     if cfg.source.startswith("hub:"):
         name = cfg.source.removeprefix("hub:")

@@ -126,13 +126,17 @@ def prepare(cfg: DataConfig, by_sentence: bool = False) -> Path:
     path = cache_path(cfg, by_sentence)
     if (path / "meta.json").is_file():
         log.info("data: using cached tokens at %s", path)
-        return path
-    log.info("data: building %s from %s (once; later runs reuse it)", path, cfg.source)
-    with console.library_bars_as_lines():  # datasets' bars (reading, tokenizing) in a log file
-        return _build(cfg, by_sentence, path)
+    else:
+        log.info("data: building %s from %s (once; later runs reuse it)", path, cfg.source)
+        with console.library_bars_as_lines():  # datasets' bars (reading, tokenizing) in a log file
+            _build(cfg, by_sentence, path)
+    counts = read_meta(path)["splits"]
+    for split in corpus.SPLITS:  # how much text the run learns from, in every run's log
+        log.info("data: %s: %d documents, %d tokens", split, counts[split]["documents"], counts[split]["tokens"])
+    return path
 
 
-def _build(cfg: DataConfig, by_sentence: bool, path: Path) -> Path:
+def _build(cfg: DataConfig, by_sentence: bool, path: Path) -> None:
     splits = corpus.load_splits(cfg)
     started = time.monotonic()
     tok = tokenizer.build(cfg.tokenizer, splits["train"]["text"])
@@ -161,9 +165,6 @@ def _build(cfg: DataConfig, by_sentence: bool, path: Path) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for split, c in counts.items():
-        log.info("data: %s: %d documents, %d tokens", split, c["documents"], c["tokens"])
-    return path
 
 
 def read_meta(path: Path) -> dict:

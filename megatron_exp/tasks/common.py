@@ -103,7 +103,8 @@ def prepare(composed: EvalConfig, run_dir: str, joined: bool, build_inputs: Call
     inputs = build_inputs(cfg, load_tokenizer(cfg, directory, model))
     training_run = directory.parents[1].name
     name, group = f"{cfg.task.name}-{training_run}", training_run
-    wandb = wandb_settings(cfg.logger, run_dir, asdict(cfg), name=name, group=group)
+    # the eval run is published after the workers finish: there are no system metrics to sample
+    wandb = wandb_settings(cfg.logger, run_dir, asdict(cfg), name=name, group=group, gpu=False)
     return RunSpec(cfg, run_dir, workers, joined, wandb, {"checkpoint": str(directory), **inputs})
 
 

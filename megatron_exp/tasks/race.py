@@ -370,7 +370,7 @@ def prepare(composed: RaceConfig, run_dir: str, joined: bool) -> RunSpec[RaceCon
         tokenized = console.progress(split_questions, desc=f"RACE {split}: tokenizing", unit="questions")
         np.savez(splits[split], **encode_split(tokenized, tokenizer, cfg))
     (Path(run_dir) / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-    wandb = wandb_settings(cfg.logger, run_dir, asdict(cfg))
+    wandb = wandb_settings(cfg.logger, run_dir, asdict(cfg), gpu=cfg.hardware.device == "cuda")
     inputs = {"checkpoint": str(directory), "splits": splits}
     return RunSpec(cfg, run_dir, workers=par.tp, joined=joined, wandb=wandb, inputs=inputs)
 

@@ -244,7 +244,8 @@ class TrainingLoop:
     def _train_record(self, iteration: int, steps: int, means: dict, norm: float, skipped: float, seconds: float):
         cost, world, peak = self.work.cost, self.grid.world_size, self.hardware.peak_tflops
         step_time = seconds / steps
-        record = {"iteration": iteration, **{f"train/{name}": value for name, value in means.items()}}
+        record = {"iteration": iteration, "tokens_seen": iteration * cost.tokens}
+        record |= {f"train/{name}": value for name, value in means.items()}
         if self.model.perplexity_term:
             record["train/ppl"] = math.exp(min(means[self.model.perplexity_term], 700.0))
         record |= {
@@ -294,7 +295,8 @@ class TrainingLoop:
                 record = self._log_window(iteration)
             if evaluate:
                 eval_start = time.perf_counter()
-                eval_record = {"iteration": iteration, **self.work.evaluate(iteration, last, self.schedule)}
+                eval_record = {"iteration": iteration, "tokens_seen": iteration * self.work.cost.tokens}
+                eval_record |= self.work.evaluate(iteration, last, self.schedule)
                 record |= eval_record
                 if self.sinks:
                     self.sinks.log(eval_record)
@@ -311,7 +313,7 @@ class TrainingLoop:
         if after is not None:
             after()
         if self.sinks:
-            self.sinks.close()
+            self.sinks.close(summary=record)
         return record
 
     def _log_window(self, iteration: int) -> dict:

@@ -1,7 +1,9 @@
 """Where metrics go, from global rank 0: a console progress line, metrics.jsonl in the run directory, and W&B.
 
 W&B is optional at every step: if it cannot start or fails while logging, a warning is printed once and the run
-goes on with the other sinks. Every record carries the same values in the jsonl file and in W&B.
+goes on with the other sinks. Every record carries the same values in the jsonl file and in W&B. On the W&B
+dashboard every metric plots against `iteration` (and `tokens_seen` is there to plot against instead), and the
+run's summary holds the final results (the last training record with the final validation and test).
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ _SHOWN = {
     "perf/step_time_s": ("", "{:.3f} s/it"),
     "perf/peak_memory_gb": ("mem", "{:.2f} GB"),
 }
-_HIDDEN = {"iteration", "perf/hfu", "train/skipped_steps"}  # hfu follows from mfu; skipped steps: when there are any
+# hfu follows from mfu, tokens seen from the iteration; skipped steps are shown when there are any
+_HIDDEN = {"iteration", "tokens_seen", "perf/hfu", "train/skipped_steps"}
 
 
 def _shown(key: str, value) -> str:
@@ -127,7 +130,10 @@ class MetricSinks:
         try:
             import wandb
 
-            self._started = wandb.init(**kwargs)
+            run = wandb.init(**kwargs)
+            run.define_metric("iteration")
+            run.define_metric("*", step_metric="iteration")  # the x-axis of every chart, not W&B's own step
+            self._started = run
         except Exception as error:
             self._started = None
             log.warning("W&B could not start (%s); training continues without it", error)
@@ -147,7 +153,7 @@ class MetricSinks:
         waiting, self._waiting = self._waiting, []
         for queued in waiting if self.wandb is not None else []:
             try:
-                self.wandb.log({k: v for k, v in queued.items() if k != "iteration"}, step=queued["iteration"])
+                self.wandb.log(queued, step=queued["iteration"])
             except Exception as error:
                 log.warning("W&B logging failed (%s); continuing without W&B", error)
                 self.wandb = None
@@ -168,21 +174,26 @@ class MetricSinks:
         log.info("stopped by %s after iteration %d; newest checkpoint: %s", record["signal"], iteration,
                  latest_checkpoint or "none")  # fmt: skip
 
-    def close(self) -> None:
+    def close(self, summary: dict | None = None) -> None:
+        """Flush every sink; `summary` (the final results) becomes the W&B run's summary."""
         self.jsonl.close()
         self._to_wandb(None, wait=True)
         if self.wandb is not None:
             try:
+                if summary:
+                    self.wandb.summary.update(json_safe(summary))
                 self.wandb.finish()
             except Exception as error:
                 log.warning("W&B did not finish cleanly (%s)", error)
 
 
 def wandb_settings(
-    lg: LoggerConfig, run_dir: str, config: dict, name: str | None = None, group: str | None = None
+    lg: LoggerConfig, run_dir: str, config: dict, name: str | None = None, group: str | None = None, *, gpu: bool
 ) -> dict | None:
     """Arguments for wandb.init (the run's whole `config` recorded), or None when W&B is off. The run's id is kept
-    in the run directory, so a resumed run logs to the same W&B run."""
+    in the run directory, so a resumed run logs to the same W&B run. `gpu`: the run trains on GPUs, and W&B's
+    system metrics chart their utilization, memory and power beside the run's own; a CPU run (tests, CI, laptops)
+    leaves the sampling off, so the cores stay with the workers."""
     if not lg.wandb or lg.mode == "disabled":
         return None
     id_file = Path(run_dir) / "wandb_id"
@@ -203,7 +214,7 @@ def wandb_settings(
         "settings": {
             "console": "off",
             "silent": True,  # the run's last line says where its W&B files are (wandb_pointer)
-            "x_disable_stats": True,
+            "x_disable_stats": not gpu,
             "disable_git": True,
             "init_timeout": lg.init_timeout_s,
         },

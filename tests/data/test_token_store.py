@@ -86,8 +86,8 @@ def test_missing_data_and_wrong_fields_are_clear_errors(tmp_path, jsonl, cache_d
         token_store.prepare(_config("builtin:novels", cache_dir))
 
 
-def test_the_embedded_corpus_is_pythons_documentation():
-    splits = corpus.load_splits(DataConfig(split_fractions=[0.8, 0.1, 0.1]))
+def test_python_docs_is_pythons_documentation():
+    splits = corpus.load_splits(DataConfig(source="builtin:python_docs", split_fractions=[0.8, 0.1, 0.1]))
     sizes = {name: len(ds) for name, ds in splits.items()}
     assert sum(sizes.values()) >= 70 and sizes["valid"] >= 5 and sizes["test"] >= 5
     assert sum(len(t) for t in splits["train"]["text"]) > 300_000
@@ -107,3 +107,15 @@ def test_large_corpora_are_tokenized_by_several_processes_with_the_same_result(t
             serial_tokens = tokens
     assert counts[1] == counts[2] and counts[2]["train"]["documents"] > 2000  # 2 workers were used (>= 2000 docs)
     assert all(np.array_equal(serial_tokens[s], tokens[s]) for s in tokens)
+
+
+def test_the_default_corpus_is_two_bible_translations_split_by_chapter():
+    splits = corpus.load_splits(DataConfig(source="builtin:bible", split_fractions=[0.96, 0.02, 0.02]))
+    headings = {name: [text.partition("\n")[0] for text in docs["text"]] for name, docs in splits.items()}
+    assert sum(map(len, headings.values())) == 2 * 1189  # every chapter of the 66 books, in WEB and in ASV
+    assert headings["train"][0] == "Genesis 1" and 40 <= len(headings["valid"]) <= 60
+    chapters = {name: set(h) for name, h in headings.items()}  # ASV's "Song of Solomon" is WEB's "Song of Songs"
+    assert not (chapters["train"] & chapters["valid"]) and not (chapters["train"] & chapters["test"])
+    text = "".join(splits["train"]["text"])
+    assert len(text) > 7_500_000 and not set("`[]\u2019") & set(text)  # apostrophes as ', no translators' marks
+    assert "In the beginning God created the heavens and the earth." in text

@@ -1,5 +1,6 @@
 """The model presets in conf/model: they load into the schema, and the paper's sizes have the paper's counts."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from megatron_exp.models.bert import BERTModel
 from megatron_exp.models.gpt import GPTModel
 from megatron_exp.parallel import state
 from megatron_exp.parallel.sharding import ShardSpec
+from tests.conftest import compose_config
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "model"
 GPT_PRESETS = sorted(p.stem for p in CONF.glob("gpt_*.yaml"))
@@ -89,11 +91,42 @@ def test_the_2021_papers_presets_have_its_sizes(name, rounded, exact):
     assert f"{exact:,}" in (CONF / f"{name}.yaml").read_text()
 
 
+def _composed_count(name: str, tp: int) -> int:
+    """Parameters of the whole model that `model=<name> parallel.tp=<tp>` builds (its preset's tokenizer included),
+    counted on the meta device from one TP rank's shard."""
+    cfg = compose_config([f"model={name}", f"parallel.tp={tp}"]).model
+    model_class = BERTModel if cfg.arch == "bert" else GPTModel
+    with torch.device("meta"), state.use(state.virtual(tp=tp)):
+        shard = model_class(cfg)
+    return sum(p.numel() * (tp if ShardSpec.of(p).dim is not None else 1) for p in shard.parameters())
+
+
+# A count in a preset's comment: "N parameters" (at TP=1), "N parameters at TP=k", or "N at TP=k".
+_STATED = re.compile(r"(\d{1,3}(?:,\d{3})+)( parameters)?(?: at TP=(\d+))?")
+
+
+def _stated_counts(name: str) -> list[tuple[int, int]]:
+    lines = (CONF / f"{name}.yaml").read_text().splitlines()
+    comment = " ".join(line.lstrip("# ") for line in lines if line.startswith("#"))
+    return [(int(m[1].replace(",", "")), int(m[3] or 1)) for m in _STATED.finditer(comment) if m[2] or m[3]]
+
+
+@pytest.mark.parametrize("name", GPT_PRESETS + BERT_PRESETS)
+def test_every_presets_comment_states_its_parameter_count_with_its_tokenizer(name):
+    stated = _stated_counts(name)
+    assert stated, f"conf/model/{name}.yaml states no parameter count"
+    for count, tp in stated:
+        assert _composed_count(name, tp) == count, f"{name} at TP={tp}"
+
+
+@pytest.mark.parametrize("name", ["gpt_124m", "gpt_355m", "gpt_1b", "gpt_2b", "gpt_4b", "gpt_8b", "gpt_39b"])
+def test_the_papers_gpt_presets_select_gpt2s_bpe(name):
+    assert compose_config([f"model={name}"]).data.tokenizer.kind == "gpt2"
+
+
 def test_gpt_8b_at_tp8_pads_the_gpt2_vocabulary_to_the_papers_51200():
-    cfg = load_preset("gpt_8b")
+    cfg = compose_config(["model=gpt_8b", "parallel.tp=8"]).model  # the preset alone selects GPT-2's BPE
     assert cfg.vocab_size == 50257
-    with torch.device("meta"), state.use(state.virtual(tp=8)):
-        shard = GPTModel(cfg)
-    total = sum(p.numel() * (8 if ShardSpec.of(p).dim is not None else 1) for p in shard.parameters())
     l, h = cfg.layers, cfg.hidden
-    assert total - 2 * h == 12 * l * h * h + 13 * l * h + (51200 + 1024) * h
+    paper = 12 * l * h * h + 13 * l * h + (51200 + 1024) * h  # the paper's formula leaves out the final layernorm
+    assert paper == 8_317_034_496 and _composed_count("gpt_8b", 8) == paper + 2 * h

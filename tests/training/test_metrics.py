@@ -5,7 +5,10 @@ import threading
 import time
 import types
 
-from megatron_exp.training.metrics import MetricSinks, console_line, wandb_pointer, write_json
+import pytest
+
+from megatron_exp.config import LoggerConfig
+from megatron_exp.training.metrics import MetricSinks, console_line, wandb_pointer, wandb_settings, write_json
 
 TRAIN = {
     "iteration": 10,
@@ -23,6 +26,10 @@ TRAIN = {
 class FakeRun:
     def __init__(self, fail_on_log=False):
         self.logged, self.finished, self.fail_on_log = [], False, fail_on_log
+        self.metrics, self.summary = [], {}
+
+    def define_metric(self, name, **options):
+        self.metrics.append((name, options))
 
     def log(self, values, step):
         if self.fail_on_log:
@@ -62,7 +69,8 @@ def test_jsonl_and_wandb_receive_the_same_values(tmp_path, monkeypatch):
     assert calls == [{"project": "p", "group": "g", "job_type": "train"}]
     assert _jsonl(tmp_path) == [TRAIN, {"iteration": 10, "valid/loss": 4.0, "valid/ppl": 54.6}]
     for (step, values), record in zip(run.logged, _jsonl(tmp_path), strict=True):
-        assert step == record["iteration"] and values == {k: v for k, v in record.items() if k != "iteration"}
+        assert step == record["iteration"] and values == record  # iteration too: it is every chart's x-axis
+    assert run.metrics == [("iteration", {}), ("*", {"step_metric": "iteration"})]
     assert run.finished
 
 
@@ -176,3 +184,51 @@ def test_wandb_starts_in_the_background_and_a_slow_start_is_bounded(tmp_path, mo
         stuck.log(TRAIN)
         stuck.close()
     assert time.monotonic() - start < 15 and "W&B did not start within 11 s" in caplog.text
+
+
+def test_the_final_results_become_the_wandb_summary(tmp_path, monkeypatch):
+    run = FakeRun()
+    _fake_wandb(monkeypatch, run)
+    sinks = MetricSinks(tmp_path, 100, {"project": "p"})
+    sinks.log(TRAIN)
+    final = {**TRAIN, "valid/loss": 4.0, "test/loss": 4.1, "test/ppl": float("inf")}
+    sinks.close(summary=final)
+    assert run.summary == {**final, "test/ppl": None} and run.finished
+
+
+@pytest.mark.parametrize("gpu", [True, False])
+def test_system_metrics_are_sampled_on_gpu_runs_only(tmp_path, gpu):
+    settings = wandb_settings(LoggerConfig(), str(tmp_path), {}, gpu=gpu)["settings"]
+    assert settings["x_disable_stats"] is not gpu
+
+
+def test_a_real_offline_wandb_run_takes_the_settings_metric_definitions_and_summary(tmp_path, monkeypatch):
+    """wandb itself checks every setting and define_metric call (a name or option it does not know fails here);
+    the run's summary is read as it finishes."""
+    import wandb
+    from wandb.sdk.wandb_run import Run
+
+    defined, summaries = [], []
+    real_define_metric, real_finish = Run.define_metric, Run.finish
+
+    def define_metric(self, name, **options):
+        defined.append((name, options))
+        return real_define_metric(self, name, **options)
+
+    def finish(self, *args, **kwargs):
+        summaries.append(dict(self.summary))
+        return real_finish(self, *args, **kwargs)
+
+    monkeypatch.setattr(Run, "define_metric", define_metric)
+    monkeypatch.setattr(Run, "finish", finish)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    for gpu in (True, False):
+        wandb.Settings(**wandb_settings(LoggerConfig(), str(tmp_path), {}, gpu=gpu)["settings"])  # refuses unknowns
+    kwargs = wandb_settings(LoggerConfig(mode="offline"), str(tmp_path), {"model": {"name": "m"}}, gpu=True)
+    sinks = MetricSinks(tmp_path, 100, kwargs)
+    sinks.log(TRAIN)
+    sinks.close(summary={**TRAIN, "test/loss": 4.1})
+    assert sinks.wandb is not None, "W&B did not start: see the warning"
+    assert defined == [("iteration", {}), ("*", {"step_metric": "iteration"})]
+    assert len(summaries) == 1 and summaries[0]["test/loss"] == 4.1 and summaries[0]["iteration"] == 10
+    assert list(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))

@@ -59,6 +59,7 @@ def test_gradient_accumulation_equals_one_larger_micro_batch(tmp_path, shared_ca
     assert _losses(accumulated) == pytest.approx(_losses(single), rel=1e-5)
     assert final_a["test/loss"] == pytest.approx(final_b["test/loss"], rel=1e-5)
     assert _losses(single)[-1] < _losses(single)[0]
+    assert [r["tokens_seen"] for r in single] == [iteration * 8 * 32 for iteration in (1, 2, 3, 4)]  # batch x seq
 
 
 def test_activation_checkpointing_trains_the_same_model(tmp_path, shared_cache):
@@ -115,11 +116,11 @@ def test_a_non_finite_loss_stops_the_run_with_advice(tmp_path, shared_cache):
 
 def test_the_wandb_run_id_is_kept_in_the_run_directory_across_resumes(tmp_path, shared_cache):
     cfg = compose_config(["logger.mode=offline"])
-    first, again = (wandb_settings(cfg.logger, str(tmp_path), asdict(cfg)) for _ in range(2))
+    first, again = (wandb_settings(cfg.logger, str(tmp_path), asdict(cfg), gpu=False) for _ in range(2))
     assert first["id"] == again["id"] == (tmp_path / "wandb_id").read_text()
     assert first["resume"] == "allow" and first["mode"] == "offline" and first["dir"] == str(tmp_path)
     assert first["config"]["model"]["name"] == "gpt_mini"  # the full resolved config
-    assert wandb_settings(compose_config(["logger=none"]).logger, str(tmp_path), {}) is None
+    assert wandb_settings(compose_config(["logger=none"]).logger, str(tmp_path), {}, gpu=False) is None
 
 
 def test_a_gpt_run_ends_with_a_greedy_sample_and_a_bert_run_without(tmp_path, caplog, one_thread):
