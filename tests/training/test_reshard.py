@@ -42,19 +42,25 @@ def tp2_pp2(tmp_path_factory, shared_cache):
     return run_dir, checkpoint.checkpoints_root(run_dir) / "iter_0000005"
 
 
-def _resume(tmp_path, tp2_pp2, cache, tp, pp, dp):
+def _resume(tmp_path, tp2_pp2, cache, tp, pp, dp, *options):
     run_dir, saved = tp2_pp2
-    layout = [f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.dp={dp}"]
+    layout = [f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.dp={dp}", *options]
     run_on_ranks(tp * pp * dp, _train, tmp_path, cache, layout, str(saved), tp=tp, pp=pp)
     resumed, uninterrupted = _losses(tmp_path), _losses(run_dir)
     assert sorted(resumed) == [6, 7, 8, 9, 10]
     assert [resumed[i] for i in range(6, 11)] == pytest.approx([uninterrupted[i] for i in range(6, 11)], rel=1e-5)
 
 
-@pytest.mark.parametrize("tp, pp, dp", [(1, 1, 2), pytest.param(4, 1, 1, marks=pytest.mark.slow),
-                                        pytest.param(1, 4, 1, marks=pytest.mark.slow)])  # fmt: skip
-def test_a_run_resumed_at_another_layout_continues_the_uninterrupted_run(tmp_path, shared_cache, tp2_pp2, tp, pp, dp):
-    _resume(tmp_path, tp2_pp2, shared_cache, tp, pp, dp)
+@pytest.mark.parametrize("tp, pp, dp, options", [
+    (1, 1, 2, ()),
+    pytest.param(4, 1, 1, (), marks=pytest.mark.slow),
+    pytest.param(1, 4, 1, (), marks=pytest.mark.slow),
+    pytest.param(1, 1, 2, ("parallel.distributed_optimizer=true",), marks=pytest.mark.slow),
+])  # fmt: skip
+def test_a_run_resumed_at_another_layout_continues_the_uninterrupted_run(
+    tmp_path, shared_cache, tp2_pp2, tp, pp, dp, options
+):
+    _resume(tmp_path, tp2_pp2, shared_cache, tp, pp, dp, *options)
 
 
 def test_the_resumed_adam_moments_are_the_merged_originals_exactly(tmp_path, shared_cache, tp2_pp2):
