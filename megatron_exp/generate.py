@@ -22,7 +22,6 @@ from megatron_exp.models import generation
 from megatron_exp.parallel import state
 from megatron_exp.parallel.sampling import Sampling
 from megatron_exp.tasks import common
-from megatron_exp.training import checkpoint
 
 log = logging.getLogger("megatron_exp.generate")
 
@@ -41,14 +40,7 @@ def prepare(composed: GenerateConfig, run_dir: str, joined: bool) -> RunSpec[Gen
     check_ranges(cfg)
     if cfg.top_p > 1:
         raise ConfigError(f"top_p={cfg.top_p} must be in (0, 1]: 1 keeps every token")
-    directory = checkpoint.require(cfg.checkpoint, "checkpoint")
-    model = checkpoint.model_config_of(directory)
-    if model.arch != "gpt":
-        raise ConfigError(
-            f"checkpoint={cfg.checkpoint} holds a {model.arch} model, which does not generate text: give a GPT "
-            "checkpoint"
-        )
-    model.validate(cfg.parallel.tp)
+    directory, model = common.gpt_checkpoint(cfg, "it does not generate text: give a GPT checkpoint")
     if cfg.parallel.pp != 1:
         raise ConfigError(
             f"parallel.pp={cfg.parallel.pp}: generation runs on TP ranks only (a checkpoint of any pipeline layout "

@@ -63,7 +63,7 @@ def test_bad_input_is_one_line_naming_the_key(tmp_path, run_dir):
     long = " ".join(PASSAGES * 4)
     cases = [
         ({"checkpoint": str(tmp_path / "none")}, r"checkpoint=.*none holds no complete checkpoint"),
-        ({"checkpoint": str(tmp_path / "bert")}, r"holds a bert model, which does not generate text"),
+        ({"checkpoint": str(tmp_path / "bert")}, r"holds a bert model: it does not generate text"),
         ({"prompt": ["fine", long]}, r"^prompt 2 is \d+ tokens, longer than the model's 32 positions - max_new_toke"),
         ({"max_new_tokens": 32}, r"^max_new_tokens=32 leaves no room for a prompt in the model's 32 positions"),
         ({"prompt": ""}, r"^prompt 1 is empty"),

@@ -77,19 +77,27 @@ def read_texts(task: TextTaskConfig) -> list[str]:
     return [files.read_text(path, "task.source")]  # whole, newlines untranslated, as the reference reads it
 
 
+def gpt_checkpoint(cfg: EvalConfig | GenerateConfig, refusal: str) -> tuple[Path, ModelConfig]:
+    """The checkpoint directory `cfg.checkpoint` names and its model, which must be a GPT that runs at
+    `parallel.tp`; `refusal` ends the error for another architecture."""
+    directory = checkpoint.require(cfg.checkpoint, "checkpoint")
+    model = checkpoint.model_config_of(directory)
+    if model.arch != "gpt":
+        raise ConfigError(f"checkpoint={cfg.checkpoint} holds a {model.arch} model: {refusal}")
+    model.validate(cfg.parallel.tp)
+    return directory, model
+
+
 def prepare(composed: EvalConfig, run_dir: str, joined: bool, build_inputs: Callable) -> RunSpec[EvalConfig]:
     """Resolve the checkpoint, the model it holds and its tokenizer, check the TP degree, and read the task's
     inputs with `build_inputs(cfg, tokenizer)`: the evaluation's spec."""
     cfg = copy.deepcopy(composed)
     check_ranges(cfg)
-    directory = checkpoint.require(cfg.checkpoint, "checkpoint")
-    model = checkpoint.model_config_of(directory)
-    if model.arch != "gpt":
-        raise ConfigError(
-            f"checkpoint={cfg.checkpoint} holds a {model.arch} model: zero-shot language modelling needs a GPT "
-            "(BERT checkpoints are fine-tuned with python -m megatron_exp.tasks.race)"
-        )
-    model.validate(cfg.parallel.tp)
+    directory, model = gpt_checkpoint(
+        cfg,
+        "zero-shot language modelling needs a GPT (BERT checkpoints are fine-tuned with python -m "
+        "megatron_exp.tasks.race)",
+    )
     problem = PipelineLayout(cfg.parallel.pp, cfg.parallel.virtual_stages, model.layers).split_problem()
     if problem:
         raise ConfigError(problem)
