@@ -46,6 +46,7 @@ def _check_logits(directories: list[Path], expected_file: Path):
         torch.testing.assert_close(_logits_at(directory), expected, msg=str(directory))
 
 
+@pytest.mark.slow
 def test_reshard_tp4_to_1_to_2_keeps_the_logits(tmp_path):
     serial = GPTModel(CFG, seed=3)
     shards = split_state_dict(serial.state_dict(), shard_specs(serial), 4)

@@ -38,6 +38,7 @@ def test_the_rank_that_raised_is_named_not_the_peers_that_lost_it(tmp_path):
     assert "lost it as a peer" in message and "(logs: " in message and "\n" not in message
 
 
+@pytest.mark.slow
 def test_a_frozen_rank_is_named_as_the_one_that_stopped_answering(tmp_path):
     start = time.monotonic()
     with pytest.raises(launch.WorkerFailed) as failure:

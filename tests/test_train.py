@@ -45,6 +45,7 @@ def records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_training_end_to_end_at_tp1_and_tp2(tmp_path, shared_cache):
     losses = {}
     for tp in (1, 2):
@@ -101,6 +102,7 @@ def test_a_failing_worker_stops_the_job_with_its_error(tmp_path, shared_cache):
     assert "error: worker rank" in output and "TrainingDiverged: loss became nan" in output
 
 
+@pytest.mark.slow
 def test_the_default_run_learns_from_a_million_tokens_without_overfitting(tmp_path, shared_cache):
     """The default command (corpus, model, optimizer, batch, cadence), shortened to 100 iterations of 64 tokens."""
     run_dir = tmp_path / "run"

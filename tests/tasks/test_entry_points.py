@@ -33,6 +33,7 @@ def trained(tmp_path_factory, shared_cache):
     return run_dir
 
 
+@pytest.mark.slow
 def test_wikitext103_entry_point_gives_the_same_numbers_at_every_layout(tmp_path, trained):
     source = tmp_path / "wiki.test.tokens"
     source.write_text(WIKI)

@@ -82,6 +82,7 @@ def test_an_oracle_gives_hand_computed_accuracy_and_perplexities_per_token_and_p
     assert results["ppl_per_passage"] == pytest.approx(math.exp(75))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (SHARED / "lambada_test.jsonl").is_file(), reason="../shared/data is not present")
 def test_batched_passages_score_bit_identically_to_one_at_a_time_on_the_real_test_set():
     texts = common.read_texts(LambadaConfig(source=str(SHARED / "lambada_test.jsonl")))[:150]  # a prefix: GPT-2's

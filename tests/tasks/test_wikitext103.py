@@ -164,6 +164,7 @@ def test_a_tp_shard_split_of_the_same_weights_gives_the_same_numbers(tmp_path):
     _evaluate_at_current_tp(saved_at_tp2, torch.load(tmp_path / "a.pt"), None)  # merged on load, at TP=1
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (SHARED / "wikitext103_test.tokens").is_file(), reason="../shared/data is not present")
 def test_batched_windows_score_bit_identically_to_one_at_a_time_on_the_real_file():
     (text,) = common.read_texts(WikiTextConfig(source=str(SHARED / "wikitext103_test.tokens")))

@@ -155,6 +155,7 @@ def test_a_resumed_run_keeps_each_iteration_once(tmp_path):
                                                                              (5, 2.0)]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_wandb_starts_in_the_background_and_a_slow_start_is_bounded(tmp_path, monkeypatch, caplog):
     run = FakeRun()
     started = threading.Event()

@@ -52,7 +52,7 @@ def _resume(tmp_path, tp2_pp2, cache, tp, pp, dp, *options):
 
 
 @pytest.mark.parametrize("tp, pp, dp, options", [
-    (1, 1, 2, ()),
+    pytest.param(1, 1, 2, (), marks=pytest.mark.slow),
     pytest.param(4, 1, 1, (), marks=pytest.mark.slow),
     pytest.param(1, 4, 1, (), marks=pytest.mark.slow),
     pytest.param(1, 1, 2, ("parallel.distributed_optimizer=true",), marks=pytest.mark.slow),
@@ -63,6 +63,7 @@ def test_a_run_resumed_at_another_layout_continues_the_uninterrupted_run(
     _resume(tmp_path, tp2_pp2, shared_cache, tp, pp, dp, *options)
 
 
+@pytest.mark.slow
 def test_the_resumed_adam_moments_are_the_merged_originals_exactly(tmp_path, shared_cache, tp2_pp2):
     """At tp=1 x pp=1 every moment is its tp=2 x pp=2 shards concatenated along the parameter's split dimension
     (vocabulary padding trimmed), taken from the stage that holds it."""
@@ -95,6 +96,7 @@ def test_the_resumed_adam_moments_are_the_merged_originals_exactly(tmp_path, sha
         assert torch.equal(resumed[name]["step"], shards[0]["step"])
 
 
+@pytest.mark.slow
 def test_a_changed_model_or_global_batch_is_still_refused_in_one_line(tmp_path, shared_cache, tp2_pp2):
     _, saved = tp2_pp2
     for override, named in (("model.hidden=128", "model.hidden=128 (checkpoint: 64)"),
@@ -126,16 +128,27 @@ def _round_trip(saved: Path, tmp_path: Path) -> None:
     _assert_same_state(saved, back)
 
 
+@pytest.mark.slow
 def test_a_training_checkpoint_converts_to_serial_and_back_bit_for_bit(tmp_path, tp2_pp2):
     _round_trip(tp2_pp2[1], tmp_path)
 
 
+@pytest.mark.slow
 def test_a_converted_training_checkpoint_resumes_the_run(tmp_path, shared_cache, tp2_pp2):
     run_dir, saved = tp2_pp2
     serial = convert(ConvertConfig(source=str(saved), tp=1, output=str(tmp_path / "serial")))
     _train(tmp_path / "resumed", shared_cache, [], str(serial))
     resumed, uninterrupted = _losses(tmp_path / "resumed"), _losses(run_dir)
     assert [resumed[i] for i in range(6, 11)] == pytest.approx([uninterrupted[i] for i in range(6, 11)], rel=1e-5)
+
+
+def test_a_serial_training_checkpoint_splits_to_tp2_pp2_and_merges_back_bit_for_bit(tmp_path, shared_cache):
+    """The quick subset's check of whole-state conversion (the tp=2 x pp=2 runs above are slow)."""
+    _train(tmp_path / "run", shared_cache, ["train.iterations=5"])
+    saved = checkpoint.find_latest(tmp_path / "run")
+    split = convert(ConvertConfig(source=str(saved), tp=2, pp=2, output=str(tmp_path / "split"), verify=True))
+    assert checkpoint.read_meta(split)["world_size"] == 4
+    _assert_same_state(saved, convert(ConvertConfig(source=str(split), tp=1, output=str(tmp_path / "back"))))
 
 
 @pytest.mark.slow

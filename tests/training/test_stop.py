@@ -5,6 +5,8 @@ import json
 import os
 import signal
 
+import pytest
+
 from megatron_exp.training import checkpoint
 from tests.test_train import TINY, _start, _wait_for, records, train
 
@@ -30,6 +32,7 @@ def test_ctrl_c_stops_every_worker_with_one_line_and_exit_130(tmp_path, shared_c
     assert all(checkpoint.load_rank(latest, rank)["iteration"] == int(latest.name[5:]) for rank in (0, 1))
 
 
+@pytest.mark.slow
 def test_sigterm_with_on_signal_saves_the_current_iteration_and_resumes_bitwise(tmp_path, shared_cache):
     done = train(tmp_path / "whole", *RUN, cache=shared_cache)
     assert done.returncode == 0, done.stdout + done.stderr
