@@ -1,5 +1,5 @@
 """Pretraining, as the training core's work: a GPT or BERT, its samples (every DP rank its share of each global
-batch), validation during the run and a final test evaluation; a GPT then shows a short greedy sample."""
+batch), validation during the run and a final test evaluation; a GPT then shows a short sample of its text."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from megatron_exp.models import build_model, generation
 from megatron_exp.models.contract import Batch
 from megatron_exp.parallel import random
 from megatron_exp.parallel.pipeline import PipelineLayout, bubble_fraction
+from megatron_exp.parallel.sampling import Sampling
 from megatron_exp.parallel.sharding import padded_vocab_size
 from megatron_exp.parallel.state import ProcessGrid
 from megatron_exp.training import checkpoint, flops
@@ -28,8 +29,10 @@ from megatron_exp.training.schedule import MicroBatches
 
 log = logging.getLogger(__name__)
 
-# After training, a GPT continues this prompt greedily by up to this many tokens: a glance at what it learned.
-SAMPLE_PROMPT, SAMPLE_TOKENS = "The", 32
+# After training, a GPT continues this prompt by up to this many tokens: a glance at what it learned. Sampled, not
+# greedy: a small model's greedy text loops on its most likely phrase ("the king of the king of ...").
+SAMPLE_PROMPT, SAMPLE_TOKENS = "In the beginning", 32
+SAMPLE_TEMPERATURE, SAMPLE_TOP_K, SAMPLE_TOP_P = 0.7, 40, 0.9
 
 
 def load_samples(cfg: Config) -> dict[str, GPTSamples | BERTSamples]:
@@ -150,26 +153,30 @@ def build(spec: RunSpec[Config], grid: ProcessGrid) -> TrainingLoop:
 
 
 def log_sample(spec: RunSpec[Config], model: torch.nn.Module, grid: ProcessGrid) -> None:
-    """A GPT's greedy continuation of SAMPLE_PROMPT, through the generation code (KV cache, vocab-parallel
-    argmax), printed by rank 0. One DP replica computes it (they hold the same model); a pipeline does not."""
+    """A GPT's sampled continuation of SAMPLE_PROMPT (seeded by train.seed, so a rerun prints the same text),
+    through the generation code (KV cache, vocab-parallel sampling), printed by rank 0. One DP replica computes it
+    (they hold the same model); a pipeline does not."""
     cfg = spec.config
     if cfg.model.arch != "gpt" or grid.dp.rank != 0:
         return
     if grid.pp.size > 1:
         if grid.rank == 0:
-            log.info("no greedy sample at parallel.pp>1: generate from a checkpoint (python -m megatron_exp.generate)")
+            log.info("no sample at parallel.pp>1: generate from a checkpoint (python -m megatron_exp.generate)")
         return
     tokenizer = Tokenizer.from_file(str(Path(spec.run_dir) / "tokenizer.json"))
     prompt = tokenizer.encode(SAMPLE_PROMPT).ids
     tokens, real = generation.pad([prompt])
     count = min(SAMPLE_TOKENS, cfg.model.seq_len - len(prompt))
     cast = autocast(cfg.hardware.precision, model.device)
-    (new,) = generation.generate(model, tokens, real, count, stop_token=tokenizer.token_to_id(EOD), autocast=cast)
+    sampling = Sampling(SAMPLE_TEMPERATURE, SAMPLE_TOP_K, SAMPLE_TOP_P, cfg.train.seed)
+    stop = tokenizer.token_to_id(EOD)
+    (new,) = generation.generate(model, tokens, real, count, sampling, stop_token=stop, autocast=cast)
     if grid.rank == 0:
-        log.info("greedy sample: %r", SAMPLE_PROMPT + tokenizer.decode(new))
+        settings = f"temperature {sampling.temperature}, top-k {sampling.top_k}, top-p {sampling.top_p}"
+        log.info("sample (%s, seed %d): %r", settings, sampling.seed, SAMPLE_PROMPT + tokenizer.decode(new))
 
 
 def train(spec: RunSpec[Config], grid: ProcessGrid) -> dict:
-    """One training rank, start to end; returns the last record (a GPT then logs a greedy sample)."""
+    """One training rank, start to end; returns the last record (a GPT then logs a sample of its text)."""
     loop = build(spec, grid)
     return loop.run(after=lambda: log_sample(spec, loop.model, grid))

@@ -123,13 +123,14 @@ def test_the_wandb_run_id_is_kept_in_the_run_directory_across_resumes(tmp_path, 
     assert wandb_settings(compose_config(["logger=none"]).logger, str(tmp_path), {}, gpu=False) is None
 
 
-def test_a_gpt_run_ends_with_a_greedy_sample_and_a_bert_run_without(tmp_path, caplog, one_thread):
+def test_a_gpt_run_ends_with_a_seeded_sample_and_a_bert_run_without(tmp_path, caplog, one_thread):
     train_bpe(["The cat sat on the mat. The dog sat on the log."] * 20, 300).save(str(tmp_path / "tokenizer.json"))
     caplog.set_level(logging.INFO, logger=trainer.log.name)
-    for preset in ("gpt_tiny", "bert_tiny"):
+    for preset in ("gpt_tiny", "bert_tiny", "gpt_tiny"):  # the GPT twice: the seeded sample repeats
         cfg = preflight.resolve(compose_config([f"model={preset}", "model.vocab_size=300"]), measure_peak=False)
         model = build_model(cfg.model)
         trainer.log_sample(training_spec(cfg, tmp_path), model, state.SERIAL)
         assert model.training  # left as it was
-    (sample,) = [r.getMessage() for r in caplog.records if "greedy sample" in r.getMessage()]  # GPT's only
-    assert sample.startswith("greedy sample: 'The") and len(sample) > len("greedy sample: 'The'")
+    first, again = [r.getMessage() for r in caplog.records if r.getMessage().startswith("sample (")]  # GPT's only
+    head = "sample (temperature 0.7, top-k 40, top-p 0.9, seed 1234): 'In the beginning"
+    assert first.startswith(head) and len(first) > len(head) + 1 and again == first, first
