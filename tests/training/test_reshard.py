@@ -14,8 +14,9 @@ from megatron_exp.parallel import state
 from megatron_exp.parallel.pipeline import PipelineLayout
 from megatron_exp.parallel.sharding import ShardSpec
 from megatron_exp.train import _resolve_resume
-from megatron_exp.training import checkpoint
+from megatron_exp.training import checkpoint, reshard
 from megatron_exp.training.optim import optimizer_order
+from megatron_exp.training.reshard import serial_optimizer_state
 from tests.distributed import run_on_ranks
 from tests.training.test_checkpoint import build, make_config
 
@@ -151,6 +152,21 @@ def test_a_serial_training_checkpoint_splits_to_tp2_pp2_and_merges_back_bit_for_
     _assert_same_state(saved, convert(ConvertConfig(source=str(split), tp=1, output=str(tmp_path / "back"))))
 
 
+def test_verify_names_what_a_lossy_conversion_changed(tmp_path, shared_cache, monkeypatch):
+    _train(tmp_path / "run", shared_cache, ["train.iterations=3", "checkpoint.interval=3"])
+    saved = checkpoint.find_latest(tmp_path / "run")
+    exact = reshard.shard_optimizer_state
+
+    def lossy(*args):
+        sharded = exact(*args)
+        sharded["state"][0]["exp_avg"] += 1e-7  # the first parameter's first moment, nudged on every conversion
+        return sharded
+
+    monkeypatch.setattr(reshard, "shard_optimizer_state", lossy)
+    with pytest.raises(ConfigError, match=r"differs from .* in 1 place\(s\), e.g. rank 0.optimizer.state.0.exp_avg$"):
+        convert(ConvertConfig(source=str(saved), tp=2, output=str(tmp_path / "tp2"), verify=True))
+
+
 @pytest.mark.slow
 def test_tp2_pp2_dp2_round_trips_through_serial_bit_for_bit(tmp_path, shared_cache):
     layout = ["parallel.tp=2", "parallel.pp=2", "parallel.dp=2", "train.iterations=5"]
@@ -158,3 +174,15 @@ def test_tp2_pp2_dp2_round_trips_through_serial_bit_for_bit(tmp_path, shared_cac
     saved = checkpoint.find_latest(tmp_path / "run")
     assert checkpoint.read_meta(saved)["world_size"] == 8
     _round_trip(saved, tmp_path)
+
+
+@pytest.mark.slow
+def test_a_distributed_optimizer_checkpoint_converts_and_verifies(tmp_path, shared_cache):
+    """A dp=2 run's Adam slices are merged on conversion; verify=true compares what the slices mean (every
+    parameter's moments, bit for bit) rather than their flat layout, which depends on dp."""
+    layout = ["parallel.dp=2", "parallel.distributed_optimizer=true", "train.iterations=5"]
+    run_on_ranks(2, _train, tmp_path / "run", shared_cache, layout, tp=1)
+    saved = checkpoint.find_latest(tmp_path / "run")
+    split = convert(ConvertConfig(source=str(saved), tp=2, output=str(tmp_path / "tp2"), verify=True))
+    assert checkpoint.read_meta(split)["world_size"] == 2
+    assert state_differences(serial_optimizer_state(saved), serial_optimizer_state(split), "adam") == []
