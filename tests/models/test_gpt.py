@@ -81,7 +81,7 @@ def _check_gpt_equals_serial():
     torch.testing.assert_close(loss32, ref_loss32)
 
 
-@pytest.mark.parametrize("tp", [2, 4])
+@pytest.mark.parametrize("tp", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_gpt_at_tp_equals_serial_logits_loss_grads_and_five_adam_steps(tp):
     run_on_ranks(tp, _check_gpt_equals_serial)
 

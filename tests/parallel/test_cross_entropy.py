@@ -48,7 +48,7 @@ def test_cross_entropy_equals_torch_at_tp1():
     _check_all_paddings()
 
 
-@pytest.mark.parametrize("tp", [2, 4])
+@pytest.mark.parametrize("tp", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_vocab_parallel_cross_entropy_equals_torch(tp):
     run_on_ranks(tp, _check_all_paddings)
 

@@ -95,7 +95,7 @@ def _check_all_layers():
         _check_embedding(dtype)
 
 
-@pytest.mark.parametrize("tp", [2, 4])
+@pytest.mark.parametrize("tp", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_parallel_layers_equal_serial_layers(tp):
     run_on_ranks(tp, _check_all_layers)
 

@@ -147,7 +147,7 @@ def test_tp2_evaluation_equals_tp1(tmp_path):
     run_on_ranks(2, _evaluate_at_current_tp, directory, expected, None)
 
 
-@pytest.mark.parametrize("tp, pp, virtual", [(1, 2, 1), (2, 2, 2)])
+@pytest.mark.parametrize("tp, pp, virtual", [(1, 2, 1), pytest.param(2, 2, 2, marks=pytest.mark.slow)])
 def test_pipelined_evaluation_equals_serial(tmp_path, tp, pp, virtual):
     """The stages' forward, the scores broadcast from the last: every rank reports the serial numbers."""
     directory = _saved_checkpoint(tmp_path / "run")
