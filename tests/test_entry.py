@@ -37,6 +37,11 @@ def _errors(done) -> list[str]:
         (["optimizer.min_lr=-1e-5"], "optimizer.min_lr=-1e-05 must be >= 0"),
         (["optimizer.lr=-1"], "optimizer.lr=-1.0 must be > 0"),
         (["parallel.timeout_s=0"], "parallel.timeout_s=0 must be a positive integer"),
+        (
+            ["parallel.activation_checkpointing=true"],
+            "parallel.activation_checkpointing was renamed parallel.recompute: set parallel.recompute=<value> instead",
+        ),
+        (["parallel.recompute=some"], "parallel.recompute=some is unknown: use none, selective or full"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2_before_any_worker(tmp_path, overrides, message):
