@@ -1,5 +1,5 @@
-"""CPU training-step benchmark: this framework against a plain PyTorch GPT, TP scaling, activation checkpointing,
-torch.compile.
+"""CPU training-step benchmark: this framework against a plain PyTorch GPT, TP scaling, recomputation
+(parallel.recompute), torch.compile.
 
     python benchmarks/cpu_training.py            # the full table (a few minutes on 2 cores)
     python benchmarks/cpu_training.py --quick    # a smoke run (seconds), as the test suite does
@@ -32,7 +32,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from megatron_exp.config import ModelConfig, OptimizerConfig  # noqa: E402
+from megatron_exp.config import RECOMPUTE_MODES, ModelConfig, OptimizerConfig  # noqa: E402
 from megatron_exp.hardware import keep_freed_cpu_memory, measure_cpu_matmul_tflops  # noqa: E402
 from megatron_exp.models.gpt import GPTModel  # noqa: E402
 from megatron_exp.parallel import random, state  # noqa: E402
@@ -156,20 +156,20 @@ def compare_with_plain(shape: dict) -> dict:
             "speed_ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios)}  # fmt: skip
 
 
-def activation_checkpointing(shape: dict) -> dict:
-    """Step time and peak memory without and with (fresh TP=1 processes, alternating; medians, as the peak
-    moves by ~10% from process to process), and the bytes autograd keeps for backward."""
+def recomputation(shape: dict) -> dict:
+    """Step time and peak memory for each parallel.recompute mode (fresh TP=1 processes, alternating; medians, as
+    the peak moves by ~10% from process to process), and the bytes autograd keeps for backward."""
     cfg, tokens = _model_config(shape), _batch(shape)
-    runs = {False: [], True: []}
+    runs = {mode: [] for mode in RECOMPUTE_MODES}
     for _ in range(shape["repeats"]):
         for recompute in runs:
             runs[recompute].append(_run_workers(shape, 1, recompute=recompute))
     rows = {}
     for recompute, results in runs.items():
         random.seed(0, 0)
-        saved = measure_activation_bytes(GPTModel(cfg, activation_checkpointing=recompute), tokens)
+        saved = measure_activation_bytes(GPTModel(cfg, recompute=recompute), tokens)
         peaks_mb = [r["peak_bytes"] / 1e6 for r in results]
-        rows["with" if recompute else "without"] = {
+        rows[recompute] = {
             "s": statistics.median(r["s"] for r in results),
             "peak_mb": statistics.median(peaks_mb),
             "peak_mb_range": [min(peaks_mb), max(peaks_mb)],
@@ -202,7 +202,7 @@ def _memory_status(field: str) -> int:
     return int(line.split()[1]) * 1024
 
 
-def _tp_worker(rank, world, init_file, shape, out_file, keep_freed=True, recompute=False):
+def _tp_worker(rank, world, init_file, shape, out_file, keep_freed=True, recompute="none"):
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))  # the same total cores at every TP degree
     if keep_freed:  # as the framework's CPU workers do; otherwise glibc's defaults
         keep_freed_cpu_memory()
@@ -210,7 +210,7 @@ def _tp_worker(rank, world, init_file, shape, out_file, keep_freed=True, recompu
     grid = state.initialize(world)
     random.seed(0, grid.tp.rank)
     cfg, tokens = _model_config(shape), _batch(shape)
-    model = GPTModel(cfg, activation_checkpointing=recompute)
+    model = GPTModel(cfg, recompute=recompute)
     optimizer = build_optimizer(model, OptimizerConfig(lr=1e-4))
     weights = _memory_status("VmRSS")
     seconds = _seconds_per_step(lambda: _step_framework(model, optimizer, tokens, grid), shape["steps"])
@@ -242,7 +242,7 @@ def analytic_all_reduces(shape: dict) -> tuple[int, int]:
     return count, total
 
 
-def _run_workers(shape: dict, tp: int, keep_freed: bool = True, recompute: bool = False) -> dict:
+def _run_workers(shape: dict, tp: int, keep_freed: bool = True, recompute: str = "none") -> dict:
     """One fresh group of `tp` processes timing the framework's step; rank 0's measurements."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.pt"
@@ -284,7 +284,7 @@ def main() -> None:
     parameters = sum(p.numel() for p in GPTModel(cfg).parameters())
     flops = model_flops(shape["batch"], shape["seq_len"], shape["layers"], shape["hidden"], cfg.vocab_size)
     plain = compare_with_plain(shape)
-    recompute = activation_checkpointing(shape)
+    recompute = recomputation(shape)
     compiled = compiled_layers(shape)
     memory = allocator(shape)
     scaling = tp_scaling(shape, [1, 2] if args.quick else [1, 2, 4])
@@ -303,7 +303,7 @@ def main() -> None:
         "plain_vs_framework": plain,
         "framework_mfu_of_ceiling": mfu(plain["framework_s"]),
         "plain_mfu_of_ceiling": mfu(plain["plain_s"]),
-        "activation_checkpointing": recompute,
+        "recompute": recompute,
         "compile": compiled,
         "allocator": memory,
         "tp_scaling": {str(k): v for k, v in scaling.items()},
@@ -330,7 +330,7 @@ def main() -> None:
         f"max {plain['ratio_max']:.3f}, {shape['repeats']} alternating pairs) |",
     ]
     for key, row in recompute.items():
-        lines.append(f"| activation checkpointing {key} | {row['s'] * 1e3:.0f} ms, peak {row['peak_mb']:.0f} MB above "
+        lines.append(f"| recompute={key} | {row['s'] * 1e3:.0f} ms, peak {row['peak_mb']:.0f} MB above "
                      f"the weights, {row['activation_mb']:.1f} MB saved for backward |")  # fmt: skip
     lines.append(
         f"| torch.compile of each layer (train.compile) | {compiled['compiled_s'] * 1e3:.0f} ms vs "

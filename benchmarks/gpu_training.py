@@ -1,12 +1,12 @@
 """Single-GPU training-step benchmark of the paper's single-GPU config (gpt_1b: 1.2B, seq 1024) in bf16.
 
     python benchmarks/gpu_training.py                                   # gpt_1b on one H100/H200
-    python benchmarks/gpu_training.py --micro-batches 4,8 --compile on --recompute off
+    python benchmarks/gpu_training.py --micro-batches 4,8 --compile on --recompute none,selective
     python benchmarks/gpu_training.py --device cpu --model gpt_tiny --micro-batches 2 --precision fp32 --steps 1
 
-For each micro batch, with and without activation checkpointing and torch.compile, it times full training steps
-(forward, backward, clipping, fused AdamW) and reports tokens/s, TFLOP/s and MFU against the device's dense peak
-(989 TFLOP/s for H100 SXM and H200; see megatron_exp/hardware.py), with model FLOPs from
+For each micro batch, each `parallel.recompute` mode asked for and with and without torch.compile, it times
+full training steps (forward, backward, clipping, fused AdamW) and reports tokens/s, TFLOP/s and MFU against the
+device's dense peak (989 TFLOP/s for H100 SXM and H200; see megatron_exp/hardware.py), with model FLOPs from
 megatron_exp.training.flops (full s^2 attention). Prints a markdown table and writes JSON.
 """
 
@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from megatron_exp.config import ModelConfig, OptimizerConfig  # noqa: E402
+from megatron_exp.config import RECOMPUTE_MODES, ModelConfig, OptimizerConfig  # noqa: E402
 from megatron_exp.hardware import AUTOCAST_DTYPES, GPU_PEAK_TFLOPS, measure_cpu_matmul_tflops  # noqa: E402
 from megatron_exp.models.gpt import GPTModel  # noqa: E402
 from megatron_exp.parallel import random, state  # noqa: E402
@@ -56,10 +56,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(cfg: ModelConfig, device, micro_batch: int, recompute: bool, compiled: bool, precision: str, steps: int):
+def measure(cfg: ModelConfig, device, micro_batch: int, recompute: str, compiled: bool, precision: str, steps: int):
     random.seed(0, 0, device)
     with torch.device(device):
-        model = GPTModel(cfg, activation_checkpointing=recompute)
+        model = GPTModel(cfg, recompute=recompute)
     if compiled:
         model.compile_layers()  # as train.compile=true does
     optimizer = build_optimizer(model, OptimizerConfig(lr=1e-5))
@@ -95,7 +95,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
     parser.add_argument("--micro-batches", default="4,8,16")
-    parser.add_argument("--recompute", default="both", choices=["both", "on", "off"])
+    parser.add_argument("--recompute", default="none,selective,full", help="parallel.recompute modes, comma-separated")
     parser.add_argument("--compile", default="both", choices=["both", "on", "off"])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--out", default=str(ROOT / "outputs" / "benchmarks" / "gpu_training.json"))
@@ -105,9 +105,12 @@ def main() -> None:
     cfg = preset(args.model)
     peak, peak_source = peak_tflops(device)
     choices = {"both": [False, True], "on": [True], "off": [False]}
+    modes = args.recompute.split(",")
+    if unknown := set(modes) - set(RECOMPUTE_MODES):
+        parser.error(f"--recompute: {', '.join(sorted(unknown))} is not one of {', '.join(RECOMPUTE_MODES)}")
     rows = []
     for micro, recompute, compiled in itertools.product(
-        [int(m) for m in args.micro_batches.split(",")], choices[args.recompute], choices[args.compile]
+        [int(m) for m in args.micro_batches.split(",")], modes, choices[args.compile]
     ):
         torch._dynamo.reset()  # each row compiles afresh; no cache of the previous model stays alive
         try:

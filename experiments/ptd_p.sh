@@ -12,7 +12,7 @@ declare -A LAYOUT=(  # tp pp global_batch, as the paper trained them (micro batc
 overrides() {  # the layout of model $1 as overrides
   read -r tp pp batch <<<"${LAYOUT[$1]}"
   echo "model=$1 parallel.tp=$tp parallel.pp=$pp parallel.global_batch=$batch parallel.micro_batch=1"
-  echo "parallel.activation_checkpointing=true hardware=a100"
+  echo "parallel.recompute=full hardware=a100"
 }
 if [[ "${1:-plan}" == plan ]]; then
   for model in gpt_39b gpt_175b gpt_1t; do

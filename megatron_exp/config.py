@@ -59,6 +59,7 @@ def checked(default=dataclasses.MISSING, **valid) -> Any:
     return field(default=default, metadata={"valid": Valid(**valid)})
 
 
+RECOMPUTE_MODES = ("none", "selective", "full")  # parallel.recompute, least memory last
 POSITIVE = {"minimum": 1}  # counts, sizes, degrees
 NON_NEGATIVE = {"minimum": 0}  # intervals and counts where 0 means "off" or "all"
 PROBABILITY = {"minimum": 0.0, "below": 1.0}
@@ -190,7 +191,10 @@ class ParallelConfig(Schema):
     micro_batch: int = checked(8, **POSITIVE)  # sequences per forward/backward on one DP replica
     # sequences per optimizer step; None: micro_batch x dp (no accumulation)
     global_batch: int | None = checked(None, **POSITIVE)
-    activation_checkpointing: bool = False  # recompute each layer in backward: less memory, ~1/3 more compute
+    # activations recomputed in backward instead of kept: none | selective (the attention core: QK^T, softmax,
+    # attention dropout, attention over V; frees its s^2 tensors for a few % more compute) | full (each layer:
+    # keeps only its input, ~1/3 more compute)
+    recompute: str = checked("none", choices=RECOMPUTE_MODES)
     # ZeRO stage 1: Adam's moments (and fp32 main weights, where parameters are lower precision) sharded over the DP
     # group; gradients reduce-scattered, updated parameters all-gathered: Adam costs 8/dp bytes per parameter
     distributed_optimizer: bool = False
@@ -375,6 +379,7 @@ class LambadaConfig(TextTaskConfig):
 RENAMED: Mapping[tuple[type, str], str] = {
     (WikiTextConfig, "micro_batch"): "batch_size",
     (LambadaConfig, "micro_batch"): "batch_size",
+    (ParallelConfig, "activation_checkpointing"): "recompute",
 }
 
 

@@ -2,7 +2,7 @@
 
 Builds one rank's shard on the meta device (nothing allocated) and prints, per rank: parameters; memory for
 weights, gradients and Adam state (fp32: 4 + 4 + 8 bytes per parameter); activation memory at the configured
-micro batch with and without activation checkpointing; FLOPs per iteration; and whether it fits the device.
+micro batch for each `parallel.recompute` mode; FLOPs per iteration; and whether it fits the device.
 
 With `parallel.distributed_optimizer=true` each DP rank keeps 1/dp of Adam's moments: 4 + 4 + 8/dp bytes per
 parameter. The parameters are fp32 (autocast runs bf16/fp16), so they are their own main weights; Megatron's count
@@ -16,8 +16,12 @@ Activations are what autograd keeps for backward in this implementation, measure
 With dropout on: 2 masks of b s h per layer (+1 after the embedding), 4 bytes each on CPU, 1 on GPU; and on CPU,
 where the fused attention kernel has no dropout, the math path keeps 12 bytes per score: b (a/t) s^2 x 12.
 Outside the layers: the final layernorm input and output (2 b s h) and the vocab-parallel loss's softmax
-(b s V/t, fp32). With checkpointing each layer keeps only its input (b s h), plus one layer's full set live
-during its recomputation.
+(b s V/t, fp32).
+With `parallel.recompute=selective` a layer keeps all of that except what the attention core (QK^T, softmax,
+attention dropout, attention over V) saves: its row statistics and, on CPU with attention dropout, the math
+path's b (a/t) s^2 x 12 bytes; q/k/v stay (the recomputation's inputs) and so does the attention output (the
+output projection's input). One layer's core is live again during its backward. With `full` each layer keeps only
+its input (b s h), plus one layer's full set live during its recomputation.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import torch
 from omegaconf import DictConfig
 
 from megatron_exp import entry, preflight
-from megatron_exp.config import Config
+from megatron_exp.config import RECOMPUTE_MODES, Config
 from megatron_exp.parallel.pipeline import bubble_fraction, peak_in_flight
 from megatron_exp.parallel.sharding import padded_vocab_size
 from megatron_exp.training.flops import hardware_flops, model_flops
@@ -46,36 +50,46 @@ def _mask_bytes(cfg: Config) -> float:
     return (4 if cfg.hardware.device != "cuda" else 1) * b * s * h if cfg.model.hidden_dropout > 0 else 0
 
 
-def layer_activation_bytes(cfg: Config) -> float:
-    """What one transformer layer keeps for backward."""
-    b, s, h, a, tp = _sizes(cfg)
-    element = 4 if cfg.hardware.precision in ("fp32", "auto") else 2
-    kept = b * s * h * (4 + 12 / tp) * element + b * (a / tp) * s * 4 + 2 * _mask_bytes(cfg)
+def _element(cfg: Config) -> int:
+    return 4 if cfg.hardware.precision in ("fp32", "auto") else 2
+
+
+def _attention_core_bytes(cfg: Config) -> float:
+    """What the attention core saves beyond its inputs and output: what selective recomputation frees."""
+    b, s, _, a, tp = _sizes(cfg)
+    kept = b * (a / tp) * s * 4
     if cfg.hardware.device != "cuda" and cfg.model.attention_dropout > 0:
         kept += b * (a / tp) * s * s * 12
     return kept
 
 
-def activation_bytes(cfg: Config, recompute: bool, peak: bool = True, stage: int = 0) -> float:
+def layer_activation_bytes(cfg: Config, recompute: str = "none") -> float:
+    """What one transformer layer keeps for backward under `recompute` (none | selective | full)."""
+    b, s, h, _, tp = _sizes(cfg)
+    if recompute == "full":
+        return b * s * h * _element(cfg)
+    kept = b * s * h * (4 + 12 / tp) * _element(cfg) + 2 * _mask_bytes(cfg)
+    return kept if recompute == "selective" else kept + _attention_core_bytes(cfg)
+
+
+def activation_bytes(cfg: Config, recompute: str, peak: bool = True, stage: int = 0) -> float:
     """Activation memory of pipeline stage `stage` (the whole model without a pipeline): what its chunks keep for
     the micro-batches in flight at once under the schedule (one without a pipeline), the embeddings' and the
-    loss's tensors where the stage holds them, plus (`peak`) the layer being recomputed in backward when
-    checkpointing."""
+    loss's tensors where the stage holds them, plus (`peak`) what is live again while one layer is recomputed in
+    backward."""
     b, s, h, _, tp = _sizes(cfg)
-    element = 4 if cfg.hardware.precision in ("fp32", "auto") else 2
     layout = preflight.pipeline_layout(cfg)
     part = layout.part(stage)
     in_flight = peak_in_flight(layout, cfg.parallel.schedule, preflight.micro_batches(cfg), stage)
     layers = in_flight * len(part.layers) / len(part.chunks)  # chunk activations in flight x layers per chunk
     outside = 0.0
     if part.head:  # the final layernorm's input and output, the loss's softmax
-        outside += 2 * b * s * h * element + b * s * padded_vocab_size(cfg.model.vocab_size, tp) / tp * 4
+        outside += 2 * b * s * h * _element(cfg) + b * s * padded_vocab_size(cfg.model.vocab_size, tp) / tp * 4
     if part.embeddings:
         outside += _mask_bytes(cfg)  # the embedding's dropout
     outside *= in_flight
-    if not recompute:
-        return layers * layer_activation_bytes(cfg) + outside
-    return layers * b * s * h * element + outside + (layer_activation_bytes(cfg) if peak else 0)
+    recomputed = {"none": 0, "selective": _attention_core_bytes(cfg), "full": layer_activation_bytes(cfg)}[recompute]
+    return layers * layer_activation_bytes(cfg, recompute) + outside + (recomputed if peak else 0)
 
 
 def measure_activation_bytes(model, tokens: torch.Tensor) -> int:
@@ -89,7 +103,7 @@ def measure_activation_bytes(model, tokens: torch.Tensor) -> int:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = model.loss(model(tokens[:, :-1]), tokens[:, 1:])
-    loss.backward()  # with checkpointing, recomputation happens here; its tensors are freed layer by layer
+    loss.backward()  # with recomputation, it happens here; its tensors are freed layer by layer
     parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
     return sum(n for ptr, n in kept.items() if ptr not in parameters)
 
@@ -102,9 +116,9 @@ def estimate(cfg: Config) -> dict:
     states = per_rank * preflight.state_bytes_per_parameter(cfg)
     shards = par.dp if par.distributed_optimizer else 1  # Adam's moments split over DP
     # the stage that needs the most (weights differ little between stages; activations and the head do)
-    stage = max(range(par.pp), key=lambda s: activation_bytes(cfg, par.activation_checkpointing, stage=s))
-    activations = {ac: activation_bytes(cfg, ac, stage=stage) for ac in (False, True)}
-    used = activations[par.activation_checkpointing]
+    stage = max(range(par.pp), key=lambda s: activation_bytes(cfg, par.recompute, stage=s))
+    activations = {mode: activation_bytes(cfg, mode, stage=stage) for mode in RECOMPUTE_MODES}
+    used = activations[par.recompute]
     memory = cfg.hardware.memory_gb
     return {
         "parameters_total": total,
@@ -112,17 +126,16 @@ def estimate(cfg: Config) -> dict:
         "weights_gb": per_rank * 4 / 1e9,
         "gradients_gb": per_rank * 4 / 1e9,
         "optimizer_gb": per_rank * 8 / shards / 1e9,
-        "activations_gb": activations[False] / 1e9,
-        "activations_checkpointed_gb": activations[True] / 1e9,
+        "activations_gb": activations["none"] / 1e9,
+        "activations_selective_gb": activations["selective"] / 1e9,
+        "activations_full_gb": activations["full"] / 1e9,
         "total_gb": (states + used) / 1e9,
         "device_memory_gb": memory,
         "fits": None if memory is None else (states + used) / 1e9 <= memory,
         "largest_stage": stage,
         "pipeline_bubble": bubble_fraction(par.pp, par.virtual_stages, preflight.micro_batches(cfg)),
         "model_flops_per_iteration": model_flops(par.global_batch, seq, m.layers, m.hidden, vocab),
-        "executed_flops_per_iteration": hardware_flops(
-            par.global_batch, seq, m.layers, m.hidden, vocab, par.activation_checkpointing
-        ),
+        "executed_flops_per_iteration": hardware_flops(par.global_batch, seq, m.layers, m.hidden, vocab, par.recompute),
     }
 
 
@@ -138,7 +151,8 @@ def report(cfg: Config, plan: dict) -> str:
         ("gradients (fp32)", f"{plan['gradients_gb']:.2f} GB"),
         (f"Adam state (2 x fp32{sharded})", f"{plan['optimizer_gb']:.2f} GB"),
         (f"activations, micro batch {par.micro_batch}{stage}", f"{plan['activations_gb']:.2f} GB"),
-        ("activations with checkpointing", f"{plan['activations_checkpointed_gb']:.2f} GB"),
+        ("activations, recompute=selective", f"{plan['activations_selective_gb']:.2f} GB"),
+        ("activations, recompute=full", f"{plan['activations_full_gb']:.2f} GB"),
         ("total per rank (as configured)", f"{plan['total_gb']:.2f} GB"),
         (f"{cfg.hardware.name} memory per device", f"{plan['device_memory_gb'] or 0:.0f} GB"),
         ("fits", fits),

@@ -41,6 +41,15 @@ def _errors(done) -> list[str]:
         pytest.param(
             ["parallel.timeout_s=0"], "parallel.timeout_s=0 must be a positive integer", marks=pytest.mark.slow
         ),
+        (
+            ["parallel.activation_checkpointing=true"],
+            "parallel.activation_checkpointing was renamed parallel.recompute: set parallel.recompute=<value> instead",
+        ),
+        pytest.param(
+            ["parallel.recompute=some"],
+            "parallel.recompute=some is unknown: use none, selective or full",
+            marks=pytest.mark.slow,
+        ),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2_before_any_worker(tmp_path, overrides, message):

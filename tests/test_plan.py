@@ -1,5 +1,6 @@
 """The planner's numbers: parameter counts, state bytes by hand, and activations against measured ones."""
 
+import functools
 import subprocess
 import sys
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 from megatron_exp import preflight
+from megatron_exp.config import RECOMPUTE_MODES
 from megatron_exp.models.gpt import GPTModel
 from megatron_exp.parallel import random
 from megatron_exp.plan import activation_bytes, estimate, layer_activation_bytes, measure_activation_bytes, report
@@ -37,11 +39,11 @@ def test_gpt_8b_at_tp8_counts_and_state_memory_by_hand():
                 "parallel.tp=8",
                 "data/tokenizer=gpt2",
                 "hardware=v100",
-                "parallel.activation_checkpointing=true",
+                "parallel.recompute=full",
             ]
         )
     )
-    assert recompute["fits"] is True  # ... with activation checkpointing, as in the paper, it does
+    assert recompute["fits"] is True  # ... with full recomputation, as in the paper, it does
 
 
 def test_the_distributed_optimizer_keeps_1_over_dp_of_adams_state_per_rank():
@@ -61,36 +63,52 @@ def test_pipeline_stages_count_their_layers_the_micro_batches_in_flight_and_thei
     common = ["model.layers=8", "model.hidden_dropout=0", "model.attention_dropout=0", "parallel.micro_batch=2"]
     serial = _resolved([*common, "parallel.global_batch=16"])
     layer = layer_activation_bytes(serial)
-    head = activation_bytes(serial, False) - 8 * layer  # final layernorm and loss: one micro-batch
+    head = activation_bytes(serial, "none") - 8 * layer  # final layernorm and loss: one micro-batch
     one_f_one_b = _resolved([*common, "parallel.pp=4", "parallel.global_batch=16"])  # 8 micro-batches
     # stage s holds 2 layers for p - s micro-batches in flight; the last also the head
-    assert [activation_bytes(one_f_one_b, False, stage=s) for s in range(4)] == pytest.approx(
+    assert [activation_bytes(one_f_one_b, "none", stage=s) for s in range(4)] == pytest.approx(
         [8 * layer, 6 * layer, 4 * layer, 2 * layer + head]
     )
     gpipe = _resolved([*common, "parallel.pp=4", "parallel.global_batch=16", "parallel.schedule=gpipe"])
-    assert activation_bytes(gpipe, False, stage=0) == pytest.approx(8 * 2 * layer)  # all 8 micro-batches
+    assert activation_bytes(gpipe, "none", stage=0) == pytest.approx(8 * 2 * layer)  # all 8 micro-batches
     plan = estimate(one_f_one_b)
     assert plan["largest_stage"] == 0 and plan["pipeline_bubble"] == pytest.approx(3 / 8)
     per_stage, whole = preflight.parameter_counts(one_f_one_b)
     assert whole == preflight.parameter_counts(serial)[1] and per_stage < whole / 2  # the tied copy counted once
 
 
-def _measured_activation_bytes(cfg, recompute: bool) -> int:
+def _mini(dropout: float, layers: int | None = None):
+    overrides = [f"model.layers={layers}"] if layers else []
+    return _resolved(
+        ["model=gpt_mini", "data.seq_len=128", "parallel.micro_batch=4", f"model.hidden_dropout={dropout}",
+         f"model.attention_dropout={dropout}", "hardware=cpu", *overrides]
+    )  # fmt: skip
+
+
+@functools.cache
+def _measured_activation_bytes(dropout: float, recompute: str, layers: int | None = None) -> int:
+    cfg = _mini(dropout, layers)
     random.seed(0, 0)
-    model = GPTModel(cfg.model, activation_checkpointing=recompute)
+    model = GPTModel(cfg.model, recompute=recompute)
     tokens = torch.randint(0, cfg.model.vocab_size, (cfg.parallel.micro_batch, cfg.data.seq_len + 1))
     return measure_activation_bytes(model, tokens)
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-@pytest.mark.parametrize("recompute", [False, True])
-def test_activation_estimate_is_within_25_percent_of_the_measured(dropout, recompute):
-    cfg = _resolved(
-        ["model=gpt_mini", "data.seq_len=128", "parallel.micro_batch=4", f"model.hidden_dropout={dropout}",
-         f"model.attention_dropout={dropout}", "hardware=cpu"]
-    )  # fmt: skip
-    measured = _measured_activation_bytes(cfg, recompute)  # kept across the forward pass
+@pytest.mark.parametrize("recompute", RECOMPUTE_MODES)
+def test_activation_estimate_is_within_25_percent_and_a_layer_within_5_of_the_measured(dropout, recompute):
+    cfg = _mini(dropout)
+    measured = _measured_activation_bytes(dropout, recompute)  # kept across the forward pass
     assert activation_bytes(cfg, recompute, peak=False) == pytest.approx(measured, rel=0.25)
+    # one layer: what a model with one more layer keeps in addition
+    one_more = _measured_activation_bytes(dropout, recompute, cfg.model.layers + 1) - measured
+    assert layer_activation_bytes(cfg, recompute) == pytest.approx(one_more, rel=0.05)
+
+
+def test_selective_keeps_less_than_none_and_full_less_than_selective():
+    """On CPU with attention dropout, where the math path keeps the s x s scores that selective frees."""
+    kept = [_measured_activation_bytes(0.1, mode) for mode in RECOMPUTE_MODES]
+    assert kept == sorted(kept, reverse=True) and len(set(kept)) == 3
 
 
 def test_the_entry_point_prints_the_plan(tmp_path):

@@ -35,12 +35,12 @@ class BERTModel(TransformerModel):
         cfg: ModelConfig,
         tp: Group | None = None,
         *,
-        activation_checkpointing: bool = False,
+        recompute: str = "none",  # parallel.recompute: none | selective | full
         seed: int = 0,
         pretraining_heads: bool = True,
         part: ModelPart | None = None,
     ):
-        super().__init__(cfg, tp, activation_checkpointing, token_types=TOKEN_TYPES, part=part)
+        super().__init__(cfg, tp, recompute, token_types=TOKEN_TYPES, part=part)
         self.pooler = nn.Linear(cfg.hidden, cfg.hidden) if self.part.head else None
         if pretraining_heads and self.part.head:
             self.mlm_dense = nn.Linear(cfg.hidden, cfg.hidden)
@@ -102,9 +102,9 @@ class BERTMultipleChoice(nn.Module):
     perplexity_term = None
     loss_term_names = ("loss", "accuracy")
 
-    def __init__(self, cfg: ModelConfig, tp: Group | None = None, *, seed: int = 0):
+    def __init__(self, cfg: ModelConfig, tp: Group | None = None, *, recompute: str = "none", seed: int = 0):
         super().__init__()
-        self.bert = BERTModel(cfg, tp, seed=seed, pretraining_heads=False)
+        self.bert = BERTModel(cfg, tp, recompute=recompute, seed=seed, pretraining_heads=False)
         self.cfg, self.tp = cfg, self.bert.tp
         self.dropout = nn.Dropout(cfg.hidden_dropout)
         self.score = nn.Linear(cfg.hidden, 1)

@@ -28,11 +28,11 @@ class GPTModel(TransformerModel):
         cfg: ModelConfig,
         tp: Group | None = None,
         *,
-        activation_checkpointing: bool = False,
+        recompute: str = "none",  # parallel.recompute: none | selective | full
         seed: int = 0,
         part: ModelPart | None = None,
     ):
-        super().__init__(cfg, tp, activation_checkpointing, part=part)
+        super().__init__(cfg, tp, recompute, part=part)
         self.finish_init(seed)
 
     def forward(

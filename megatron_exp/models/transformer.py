@@ -36,10 +36,11 @@ class ParallelAttention(nn.Module):
     splitting its rows into contiguous TP slices hands each rank whole heads.
     """
 
-    def __init__(self, cfg: ModelConfig, tp: Group):
+    def __init__(self, cfg: ModelConfig, tp: Group, recompute_core: bool = False):
         super().__init__()
         self.local_heads, self.head_dim = cfg.heads // tp.size, cfg.head_dim
         self.dropout, self.causal = cfg.attention_dropout, cfg.causal
+        self.recompute_core = recompute_core  # parallel.recompute=selective
         self.qkv = ColumnParallelLinear(cfg.hidden, 3 * cfg.hidden, init_std=cfg.init_std, tp=tp)
         self.proj = RowParallelLinear(cfg.hidden, cfg.hidden, init_std=output_init_std(cfg), tp=tp)
 
@@ -57,9 +58,18 @@ class ParallelAttention(nn.Module):
         if cache is not None:
             k, v, keys = cache.update(self, k, v)
             causal = False  # the cache's mask is causal over its slots
-        with random.tp_region() if dropout > 0 else nullcontext():
-            out = F.scaled_dot_product_attention(q, k, v, keys, dropout_p=dropout, is_causal=causal)
+        if self.recompute_core and self.training:
+            out = random.checkpoint(self.core, q, k, v, keys, dropout, causal)
+        else:
+            out = self.core(q, k, v, keys, dropout, causal)
         return self.proj(out.transpose(1, 2).reshape(batch, seq, self.local_heads * self.head_dim))
+
+    @staticmethod
+    def core(q, k, v, keys, dropout: float, causal: bool) -> torch.Tensor:
+        """softmax(QK^T / sqrt(d)) V with attention dropout, on this TP rank's stream: inside the recomputed
+        function, so a replay in backward restores that stream and draws the same mask."""
+        with random.tp_region() if dropout > 0 else nullcontext():
+            return F.scaled_dot_product_attention(q, k, v, keys, dropout_p=dropout, is_causal=causal)
 
 
 class ParallelMLP(nn.Module):
@@ -78,11 +88,11 @@ class TransformerLayer(nn.Module):
     """Pre-LN (default): x + dropout(attention(ln(x))), then the same with the MLP.
     Post-LN (`model.layernorm=post`, the original BERT): ln(x + dropout(attention(x))), then the same."""
 
-    def __init__(self, cfg: ModelConfig, tp: Group):
+    def __init__(self, cfg: ModelConfig, tp: Group, recompute: str = "none"):
         super().__init__()
         self.post_ln = cfg.layernorm == "post"
         self.attention_norm = nn.LayerNorm(cfg.hidden, eps=cfg.layernorm_eps)
-        self.attention = ParallelAttention(cfg, tp)
+        self.attention = ParallelAttention(cfg, tp, recompute_core=recompute == "selective")
         self.mlp_norm = nn.LayerNorm(cfg.hidden, eps=cfg.layernorm_eps)
         self.mlp = ParallelMLP(cfg, tp)
         self.dropout = nn.Dropout(cfg.hidden_dropout)
@@ -116,14 +126,14 @@ class TransformerModel(nn.Module):
         self,
         cfg: ModelConfig,
         tp: Group | None,
-        activation_checkpointing: bool,
+        recompute: str,
         token_types: int = 0,
         part: ModelPart | None = None,
     ):
         super().__init__()
         self.tp = tp or state.current().tp
         cfg.validate(self.tp.size)
-        self.cfg, self.activation_checkpointing = cfg, activation_checkpointing
+        self.cfg, self.recompute = cfg, recompute
         self.part = part or whole(cfg.layers)
         first, last, pre_ln = self.part.embeddings, self.part.head, cfg.layernorm == "pre"
         self.embedding = None
@@ -134,7 +144,7 @@ class TransformerModel(nn.Module):
         types = token_types if first else 0
         self.token_type_embedding = nn.Parameter(torch.empty(types, cfg.hidden)) if types else None
         self.embedding_dropout = nn.Dropout(cfg.hidden_dropout) if first else None
-        self.layers = nn.ModuleDict({str(i): TransformerLayer(cfg, self.tp) for i in self.part.layers})
+        self.layers = nn.ModuleDict({str(i): TransformerLayer(cfg, self.tp, recompute) for i in self.part.layers})
         self.final_norm = nn.LayerNorm(cfg.hidden, eps=cfg.layernorm_eps) if last and pre_ln else None
         self.embedding_norm = nn.LayerNorm(cfg.hidden, eps=cfg.layernorm_eps) if first and not pre_ln else None
 
@@ -221,7 +231,7 @@ class TransformerModel(nn.Module):
             x = hidden
         for index in self.part.chunks[chunk or 0]:
             layer = self.layers[str(index)]
-            if self.activation_checkpointing and self.training:
+            if self.recompute == "full" and self.training:
                 x = random.checkpoint(layer, x, padding_mask)
             else:
                 x = layer(x, padding_mask, cache)

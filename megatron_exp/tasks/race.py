@@ -167,7 +167,7 @@ class FineTuning:
         self.cfg, self.pretrained, self.shows_progress = cfg, pretrained, grid.rank == 0
         model_cfg = checkpoint.model_config_of(pretrained)
         with torch.device(device_of(cfg.hardware)):
-            self.model = BERTMultipleChoice(model_cfg, grid.tp, seed=cfg.seed)
+            self.model = BERTMultipleChoice(model_cfg, grid.tp, recompute=cfg.parallel.recompute, seed=cfg.seed)
         weights = checkpoint.load_model_state(pretrained, self.model.bert, grid)
         encoder = {name: weights[name] for name in self.model.bert.state_dict() if name in weights}
         checkpoint.load_into(self.model.bert, encoder, pretrained, "model")  # the pretraining heads stay behind
@@ -177,8 +177,12 @@ class FineTuning:
         self.steps_per_epoch = self.questions // par.global_batch
         self.order = SampleOrder(self.questions, cfg.seed)
         sequences = par.global_batch * OPTIONS
-        step_flops = flops.model_flops(sequences, cfg.task.seq_len, model_cfg.layers, model_cfg.hidden, vocab=0)
-        self.cost = Cost(tokens=sequences * cfg.task.seq_len, model_flops=step_flops, executed_flops=step_flops)
+        shape = (sequences, cfg.task.seq_len, model_cfg.layers, model_cfg.hidden, 0)  # no vocabulary layer
+        self.cost = Cost(
+            tokens=sequences * cfg.task.seq_len,
+            model_flops=flops.model_flops(*shape),
+            executed_flops=flops.hardware_flops(*shape, par.recompute),
+        )
 
     def describe(self) -> str:
         par, task = self.cfg.parallel, self.cfg.task

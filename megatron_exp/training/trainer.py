@@ -62,8 +62,8 @@ class Pretraining:
         self.accumulation = par.global_batch // (par.micro_batch * grid.dp.size)
         self.layout = PipelineLayout(par.pp, par.virtual_stages, cfg.model.layers)
         with torch.device(device_of(cfg.hardware)):
-            recompute, seed, part = par.activation_checkpointing, cfg.train.seed, self.layout.part(grid.pp.rank)
-            self.model = build_model(cfg.model, activation_checkpointing=recompute, seed=seed, part=part)
+            recompute, seed, part = par.recompute, cfg.train.seed, self.layout.part(grid.pp.rank)
+            self.model = build_model(cfg.model, recompute=recompute, seed=seed, part=part)
         if cfg.train.compile:
             self.model.compile_layers()
         if cfg.checkpoint.init_from and not cfg.resume:

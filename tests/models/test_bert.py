@@ -8,6 +8,7 @@ from megatron_exp.parallel import state
 from megatron_exp.parallel.mappings import gather_last_dim
 from megatron_exp.parallel.sharding import merge_state_dicts, shard_specs
 from tests.distributed import run_on_ranks
+from tests.models.test_gpt import check_recompute_matches_none
 
 CFG = ModelConfig(
     arch="bert", hidden=32, heads=4, layers=2, vocab_size=300, seq_len=16, hidden_dropout=0.0, attention_dropout=0.0
@@ -78,6 +79,27 @@ def _check_bert_equals_serial(cfg: ModelConfig):
 @pytest.mark.parametrize("layernorm", ["pre", "post"])
 def test_bert_at_tp2_equals_serial_with_padding(layernorm):
     run_on_ranks(2, _check_bert_equals_serial, ModelConfig(**{**vars(CFG), "layernorm": layernorm}))
+
+
+def _bert_recompute_matches_none(mode: str) -> None:
+    dropout = ModelConfig(**{**vars(CFG), "hidden_dropout": 0.2, "attention_dropout": 0.2})
+    check_recompute_matches_none(
+        lambda recompute: BERTModel(dropout, recompute=recompute, seed=2), lambda m: _forward(m, 0)[1], mode
+    )
+
+
+@pytest.mark.parametrize("mode", ["selective", "full"])
+def test_recompute_gives_the_same_loss_and_gradients(mode):
+    _bert_recompute_matches_none(mode)
+
+
+def _check_recompute_at_tp():
+    for mode in ("selective", "full"):
+        _bert_recompute_matches_none(mode)
+
+
+def test_recompute_at_tp2_gives_the_same_loss_and_gradients():
+    run_on_ranks(2, _check_recompute_at_tp)
 
 
 def test_padding_is_invisible_to_the_real_tokens():

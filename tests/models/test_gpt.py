@@ -176,15 +176,44 @@ def test_exactly_the_papers_collectives():
     run_on_ranks(2, _check_communication)
 
 
-def test_activation_checkpointing_gives_the_same_gradients():
-    random.seed(0, 0)
-    grads = []
-    for checkpointing in (False, True):
-        model = GPTModel(NO_DROPOUT, activation_checkpointing=checkpointing, seed=2)
-        _lm_loss(model, _tokens(0))[1].backward()
-        grads.append([p.grad for p in model.parameters()])
-    for plain, recomputed in zip(*grads, strict=True):
-        torch.testing.assert_close(recomputed, plain)
+DROPOUT = ModelConfig(**{**vars(NO_DROPOUT), "hidden_dropout": 0.2, "attention_dropout": 0.2})
+
+
+def check_recompute_matches_none(build, loss_of, mode: str) -> None:
+    """`build(recompute)`'s loss and every gradient under `mode` equal those without recomputation, in fp64 with
+    dropout on: the same seeds give the same masks only if recomputation replays both dropout streams."""
+    results = []
+    for recompute in ("none", mode):
+        model = build(recompute).double()
+        random.seed(11, model.tp.rank)
+        loss = loss_of(model)
+        loss.backward()
+        results.append((loss.detach(), {name: p.grad for name, p in model.named_parameters()}))
+    (loss, grads), (recomputed_loss, recomputed) = results
+    torch.testing.assert_close(recomputed_loss, loss, **TIGHT)
+    assert recomputed.keys() == grads.keys() and all(g is not None for g in grads.values())
+    for name, grad in grads.items():
+        torch.testing.assert_close(recomputed[name], grad, **TIGHT, msg=name)
+
+
+def _gpt_recompute_matches_none(mode: str) -> None:
+    check_recompute_matches_none(
+        lambda recompute: GPTModel(DROPOUT, recompute=recompute, seed=2), lambda m: _lm_loss(m, _tokens(0))[1], mode
+    )
+
+
+@pytest.mark.parametrize("mode", ["selective", "full"])
+def test_recompute_gives_the_same_loss_and_gradients(mode):
+    _gpt_recompute_matches_none(mode)
+
+
+def _check_recompute_at_tp():
+    for mode in ("selective", "full"):
+        _gpt_recompute_matches_none(mode)
+
+
+def test_recompute_at_tp2_gives_the_same_loss_and_gradients():
+    run_on_ranks(2, _check_recompute_at_tp)
 
 
 def test_bad_shapes_fail_with_the_key_and_a_fix():

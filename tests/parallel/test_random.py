@@ -41,11 +41,11 @@ def test_tp_region_without_seed_is_a_clear_error(monkeypatch):
         pass
 
 
-def _loss_and_grads(checkpointing: bool, checkpoint_fn=None, monkeypatch=None):
+def _loss_and_grads(recompute: str, checkpoint_fn=None, monkeypatch=None):
     cfg = ModelConfig(
         hidden=32, heads=4, layers=3, vocab_size=200, seq_len=16, hidden_dropout=0.3, attention_dropout=0.3
     )
-    model = GPTModel(cfg, activation_checkpointing=checkpointing, seed=3)
+    model = GPTModel(cfg, recompute=recompute, seed=3)
     if checkpoint_fn is not None:
         monkeypatch.setattr(random, "checkpoint", checkpoint_fn)
     random.seed(11, tp_rank=0)
@@ -55,9 +55,10 @@ def _loss_and_grads(checkpointing: bool, checkpoint_fn=None, monkeypatch=None):
     return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
 
 
-def test_recomputed_layers_reuse_the_original_dropout_masks(monkeypatch):
-    loss, grads = _loss_and_grads(checkpointing=False)
-    loss_ckpt, grads_ckpt = _loss_and_grads(checkpointing=True)
+@pytest.mark.parametrize("mode", ["selective", "full"])
+def test_recomputation_reuses_the_original_dropout_masks(monkeypatch, mode):
+    loss, grads = _loss_and_grads("none")
+    loss_ckpt, grads_ckpt = _loss_and_grads(mode)
     assert torch.equal(loss, loss_ckpt)
     for name, grad in grads.items():
         torch.testing.assert_close(grads_ckpt[name], grad, rtol=1e-6, atol=1e-7, msg=name)
@@ -67,6 +68,6 @@ def test_recomputed_layers_reuse_the_original_dropout_masks(monkeypatch):
     def plain(function, *args):
         return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False)
 
-    _, grads_plain = _loss_and_grads(checkpointing=True, checkpoint_fn=plain, monkeypatch=monkeypatch)
+    _, grads_plain = _loss_and_grads(mode, checkpoint_fn=plain, monkeypatch=monkeypatch)
     qkv = "layers.0.attention.qkv.weight"
     assert not torch.allclose(grads_plain[qkv], grads[qkv], rtol=1e-3, atol=1e-5)

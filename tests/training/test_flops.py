@@ -12,12 +12,16 @@ def test_model_flops_match_a_hand_computation():
     assert flops.model_flops(b, s, l, h, v) == pytest.approx(by_hand, rel=1e-12)
 
 
-def test_recompute_adds_one_forward_of_the_layers_but_not_of_the_logits():
+def test_recompute_adds_one_forward_of_the_layers_or_of_the_attention_core_but_not_of_the_logits():
     b, s, l, h, v = 8, 1024, 40, 1536, 51200
     layers = 72 * b * s * l * h * h + 12 * b * s * s * l * h
     logits = 6 * b * s * v * h
-    assert flops.hardware_flops(b, s, l, h, v, recompute=False) == pytest.approx(layers + logits)
-    assert flops.hardware_flops(b, s, l, h, v, recompute=True) == pytest.approx(layers * 4 / 3 + logits)
+    assert flops.hardware_flops(b, s, l, h, v, recompute="none") == pytest.approx(layers + logits)
+    assert flops.hardware_flops(b, s, l, h, v, recompute="full") == pytest.approx(layers * 4 / 3 + logits)
+    # selective: QK^T and attention over V once more, 2 B s^2 h each per layer: 4 x 8 x 1024^2 x 1536 x 40
+    core = 2_061_584_302_080
+    assert core == 4 * b * s * s * h * l  # 2.06e12, a third of the 12 B s^2 L h attention term above
+    assert flops.hardware_flops(b, s, l, h, v, recompute="selective") == pytest.approx(layers + core + logits)
 
 
 def test_mfu_is_model_flops_per_second_over_the_devices_peak():

@@ -51,7 +51,7 @@ def _batch(arch: str, index: int) -> Batch:
 
 
 def _check_pipeline_matches_serial(
-    arch: str, schedule: str, virtual: int, micro_batches: int, layers: int, recompute: bool
+    arch: str, schedule: str, virtual: int, micro_batches: int, layers: int, recompute: str
 ):
     torch.set_default_dtype(torch.float64)
     grid = state.current()
@@ -59,7 +59,7 @@ def _check_pipeline_matches_serial(
     layout = PipelineLayout(grid.pp.size, virtual, layers)
     with state.use(state.SERIAL):
         serial = build_model(cfg, seed=7)
-    model = build_model(cfg, seed=7, part=layout.part(grid.pp.rank), activation_checkpointing=recompute)
+    model = build_model(cfg, seed=7, part=layout.part(grid.pp.rank), recompute=recompute)
     specs = shard_specs(model)
     assert set(model.part.layers) == set(layout.part(grid.pp.rank).layers)
     serial_state = serial.state_dict()
@@ -113,17 +113,18 @@ def _check_terms(terms: dict, expected: dict, grid: state.ProcessGrid, when: str
 @pytest.mark.parametrize(
     "arch, pp, tp, dp, schedule, virtual, micro_batches, recompute",
     [
-        ("gpt", 2, 1, 1, "1f1b", 1, 4, False),
-        ("bert", 2, 1, 1, "1f1b", 1, 3, False),
-        pytest.param("gpt", 2, 1, 1, "gpipe", 1, 3, False, marks=pytest.mark.slow),
-        pytest.param("gpt", 2, 1, 1, "interleaved", 2, 4, False, marks=pytest.mark.slow),
-        pytest.param("gpt", 2, 1, 1, "interleaved", 2, 4, True, marks=pytest.mark.slow),  # activation checkpointing
-        pytest.param("bert", 2, 1, 1, "interleaved", 2, 2, False, marks=pytest.mark.slow),
-        pytest.param("gpt", 4, 1, 1, "1f1b", 1, 6, False, marks=pytest.mark.slow),
-        pytest.param("gpt", 2, 2, 1, "1f1b", 1, 3, False, marks=pytest.mark.slow),
-        pytest.param("bert", 2, 2, 1, "gpipe", 1, 2, False, marks=pytest.mark.slow),
-        pytest.param("gpt", 2, 2, 2, "interleaved", 2, 2, False, marks=pytest.mark.slow),  # 8 processes
-        pytest.param("bert", 2, 2, 2, "1f1b", 1, 2, False, marks=pytest.mark.slow),
+        ("gpt", 2, 1, 1, "1f1b", 1, 4, "none"),
+        ("bert", 2, 1, 1, "1f1b", 1, 3, "none"),
+        pytest.param("gpt", 2, 1, 1, "gpipe", 1, 3, "none", marks=pytest.mark.slow),
+        pytest.param("gpt", 2, 1, 1, "interleaved", 2, 4, "none", marks=pytest.mark.slow),
+        pytest.param("gpt", 2, 1, 1, "interleaved", 2, 4, "full", marks=pytest.mark.slow),
+        pytest.param("gpt", 2, 1, 1, "1f1b", 1, 4, "selective", marks=pytest.mark.slow),
+        pytest.param("bert", 2, 1, 1, "interleaved", 2, 2, "none", marks=pytest.mark.slow),
+        pytest.param("gpt", 4, 1, 1, "1f1b", 1, 6, "none", marks=pytest.mark.slow),
+        pytest.param("gpt", 2, 2, 1, "1f1b", 1, 3, "none", marks=pytest.mark.slow),
+        pytest.param("bert", 2, 2, 1, "gpipe", 1, 2, "none", marks=pytest.mark.slow),
+        pytest.param("gpt", 2, 2, 2, "interleaved", 2, 2, "none", marks=pytest.mark.slow),  # 8 processes
+        pytest.param("bert", 2, 2, 2, "1f1b", 1, 2, "none", marks=pytest.mark.slow),
     ],
 )
 def test_a_pipeline_equals_the_serial_model(arch, pp, tp, dp, schedule, virtual, micro_batches, recompute):

@@ -62,15 +62,14 @@ def test_gradient_accumulation_equals_one_larger_micro_batch(tmp_path, shared_ca
     assert [r["tokens_seen"] for r in single] == [iteration * 8 * 32 for iteration in (1, 2, 3, 4)]  # batch x seq
 
 
-def test_activation_checkpointing_trains_the_same_model(tmp_path, shared_cache):
+@pytest.mark.parametrize("mode", ["selective", "full"])
+def test_recompute_trains_the_same_model(tmp_path, shared_cache, mode):
     plain, _ = run(tmp_path / "a", shared_cache)
-    recomputed, _ = run(
-        tmp_path / "b", shared_cache, "parallel.activation_checkpointing=true", "hardware.peak_tflops=1"
-    )
+    recomputed, _ = run(tmp_path / "b", shared_cache, f"parallel.recompute={mode}", "hardware.peak_tflops=1")
     assert _losses(recomputed) == pytest.approx(_losses(plain), rel=1e-6)
-    # HFU counts the recomputed forward of the layers (not of the logits): 96/72 on the layer FLOPs.
+    # HFU counts the recomputed forward (of the layers, or of the attention core), never of the logits.
     b, s, l, h, v = 4, 32, 2, 64, 8192
-    ratio = flops.hardware_flops(b, s, l, h, v, recompute=True) / flops.model_flops(b, s, l, h, v)
+    ratio = flops.hardware_flops(b, s, l, h, v, recompute=mode) / flops.model_flops(b, s, l, h, v)
     assert 1 < ratio < 4 / 3
     assert recomputed[0]["perf/hfu"] == pytest.approx(recomputed[0]["perf/mfu"] * ratio, rel=1e-9)
 
