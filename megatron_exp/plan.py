@@ -22,14 +22,27 @@ attention dropout, attention over V) saves: its row statistics and, on CPU with 
 path's b (a/t) s^2 x 12 bytes; q/k/v stay (the recomputation's inputs) and so does the attention output (the
 output projection's input). One layer's core is live again during its backward. With `full` each layer keeps only
 its input (b s h), plus one layer's full set live during its recomputation.
+
+The per-rank total is the step's peak, not a sum of everything: weights and Adam's state always, plus the larger of
+  - the forward's end: every activation in flight, the output layer's logits (b s V/t) beside the loss's fp32
+    softmax copy, and the gradients when micro-batches accumulate into them (they are freed after each step);
+  - the backward's start: the activations, the layer being recomputed, and the gradients (accumulating) or the
+    first one backward makes, the word embedding's (V/t x h);
+  - the optimizer step: the gradients (the fused AdamW allocates nothing more).
+The distributed optimizer's gradients live in one flat buffer for the whole run: they count as resident.
+tests/test_plan.py checks this against the measured peak of real training steps (`measure_step_peak_bytes`).
 """
 
 from __future__ import annotations
 
 import logging
+import weakref
+from collections.abc import Callable, Iterable
 
 import torch
 from omegaconf import DictConfig
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from megatron_exp import entry, preflight
 from megatron_exp.config import RECOMPUTE_MODES, Config
@@ -92,6 +105,61 @@ def activation_bytes(cfg: Config, recompute: str, peak: bool = True, stage: int 
     return layers * layer_activation_bytes(cfg, recompute) + outside + (recomputed if peak else 0)
 
 
+def step_peak_bytes(cfg: Config, stage: int = 0) -> float:
+    """What a training step on a rank of `stage` holds at its peak beyond weights and Adam's state (the module
+    docstring lists the three candidates)."""
+    b, s, h, _, tp = _sizes(cfg)
+    per_rank, _ = preflight.parameter_counts(cfg)
+    mode, part = cfg.parallel.recompute, preflight.pipeline_layout(cfg).part(stage)
+    # the distributed optimizer's flat gradient buffer lives for the whole run: it is resident, not transient
+    grads = 0 if cfg.parallel.distributed_optimizer else per_rank * 4
+    accumulated = grads if preflight.micro_batches(cfg) > 1 else 0
+    kept = activation_bytes(cfg, mode, peak=False, stage=stage)
+    vocab_part = padded_vocab_size(cfg.model.vocab_size, tp) / tp
+    logits = b * s * vocab_part * _element(cfg) if part.head else 0
+    first_grad = vocab_part * h * 4 if part.head and grads else 0
+    forward_end = kept + logits + accumulated
+    backward_start = activation_bytes(cfg, mode, stage=stage) + (accumulated or first_grad)
+    return max(forward_end, backward_start, grads)
+
+
+def measure_step_peak_bytes(step: Callable[[], object], resident: Iterable[torch.Tensor]) -> int:
+    """The most bytes live at once while `step()` runs on CPU: the `resident` tensors (weights, Adam's state)
+    plus every storage the step allocates, tracked from its creation by an operator to its release. Views of
+    resident storages (a weight's transpose, a parameter inside the distributed optimizer's buffer) are not new
+    memory, and each storage counts once."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in resident}
+    tracker = _LiveStorages(set(storages))
+    with tracker:
+        step()
+    return sum(storages.values()) + tracker.peak
+
+
+class _LiveStorages(TorchDispatchMode):
+    def __init__(self, resident: set[int]):
+        super().__init__()
+        self.sizes, self.resident, self.live, self.peak = {}, resident, 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor):
+                self._track(tensor.untyped_storage())
+        return out
+
+    def _track(self, storage: torch.UntypedStorage) -> None:
+        key = storage.data_ptr()
+        if key in self.sizes or key in self.resident or storage.nbytes() == 0:
+            return
+        self.sizes[key] = storage.nbytes()
+        self.live += storage.nbytes()
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(storage, self._release, key)
+
+    def _release(self, key: int) -> None:
+        self.live -= self.sizes.pop(key)
+
+
 def measure_activation_bytes(model, tokens: torch.Tensor) -> int:
     """What autograd actually keeps for backward over one forward pass of `model` on `tokens` (distinct
     storages, parameters excluded): the measurement the estimate above is checked against."""
@@ -113,12 +181,13 @@ def estimate(cfg: Config) -> dict:
     par, m = cfg.parallel, cfg.model
     seq = cfg.data.seq_len or m.seq_len
     vocab = padded_vocab_size(m.vocab_size, par.tp)
-    states = per_rank * preflight.state_bytes_per_parameter(cfg)
+    # weights and Adam's state, and with the distributed optimizer its gradient buffer
+    resident = per_rank * (preflight.state_bytes_per_parameter(cfg) - (0 if par.distributed_optimizer else 4))
     shards = par.dp if par.distributed_optimizer else 1  # Adam's moments split over DP
     # the stage that needs the most (weights differ little between stages; activations and the head do)
     stage = max(range(par.pp), key=lambda s: activation_bytes(cfg, par.recompute, stage=s))
     activations = {mode: activation_bytes(cfg, mode, stage=stage) for mode in RECOMPUTE_MODES}
-    used = activations[par.recompute]
+    peak = resident + step_peak_bytes(cfg, stage)
     memory = cfg.hardware.memory_gb
     return {
         "parameters_total": total,
@@ -129,9 +198,9 @@ def estimate(cfg: Config) -> dict:
         "activations_gb": activations["none"] / 1e9,
         "activations_selective_gb": activations["selective"] / 1e9,
         "activations_full_gb": activations["full"] / 1e9,
-        "total_gb": (states + used) / 1e9,
+        "total_gb": peak / 1e9,
         "device_memory_gb": memory,
-        "fits": None if memory is None else (states + used) / 1e9 <= memory,
+        "fits": None if memory is None else peak / 1e9 <= memory,
         "largest_stage": stage,
         "pipeline_bubble": bubble_fraction(par.pp, par.virtual_stages, preflight.micro_batches(cfg)),
         "model_flops_per_iteration": model_flops(par.global_batch, seq, m.layers, m.hidden, vocab),
@@ -153,7 +222,7 @@ def report(cfg: Config, plan: dict) -> str:
         (f"activations, micro batch {par.micro_batch}{stage}", f"{plan['activations_gb']:.2f} GB"),
         ("activations, recompute=selective", f"{plan['activations_selective_gb']:.2f} GB"),
         ("activations, recompute=full", f"{plan['activations_full_gb']:.2f} GB"),
-        ("total per rank (as configured)", f"{plan['total_gb']:.2f} GB"),
+        ("peak per rank (as configured)", f"{plan['total_gb']:.2f} GB"),
         (f"{cfg.hardware.name} memory per device", f"{plan['device_memory_gb'] or 0:.0f} GB"),
         ("fits", fits),
         ("model FLOPs per iteration", f"{plan['model_flops_per_iteration']:.3e}"),

@@ -10,9 +10,20 @@ import torch
 from megatron_exp import preflight
 from megatron_exp.config import RECOMPUTE_MODES
 from megatron_exp.models.gpt import GPTModel
-from megatron_exp.parallel import random
-from megatron_exp.plan import activation_bytes, estimate, layer_activation_bytes, measure_activation_bytes, report
+from megatron_exp.parallel import random, state
+from megatron_exp.plan import (
+    activation_bytes,
+    estimate,
+    layer_activation_bytes,
+    measure_activation_bytes,
+    measure_step_peak_bytes,
+    report,
+)
+from megatron_exp.training.distributed_optimizer import DistributedOptimizer
+from megatron_exp.training.grad_sync import GradientSync
+from megatron_exp.training.optim import build_optimizer, optimizer_step
 from tests.conftest import CONF_DIR, compose_config
+from tests.distributed import run_on_ranks
 
 
 def _resolved(overrides):
@@ -119,3 +130,56 @@ def test_the_entry_point_prints_the_plan(tmp_path):
     assert "parameters per rank" in done.stdout and "fits" in done.stdout
     assert "8.317B" in done.stdout  # the preset alone selects GPT-2's BPE, padded to 51,200 at TP=8
     assert list(tmp_path.iterdir()) == []  # the planner writes nothing
+
+
+def _measured_step_peak(cfg) -> int:
+    """The peak of a real training step (the loop's: each micro-batch's forward and backward, the gradient clip
+    and the fused AdamW step), after a first step has made Adam's state."""
+    random.seed(0, 0)
+    model = GPTModel(cfg.model, recompute=cfg.parallel.recompute)
+    optimizer = build_optimizer(model, cfg.optimizer)
+    shape = (preflight.micro_batches(cfg), cfg.parallel.micro_batch, cfg.data.seq_len + 1)
+    batches = torch.randint(0, cfg.model.vocab_size, shape, generator=torch.Generator().manual_seed(0))
+
+    def step():
+        for tokens in batches:
+            model.loss(model(tokens[:, :-1]), tokens[:, 1:]).backward()
+        optimizer_step(optimizer, list(model.parameters()), cfg.optimizer.clip_grad, state.SERIAL)
+
+    step()
+    resident = [*model.parameters(), *(t for s in optimizer.state.values() for t in s.values() if t.dim())]
+    return measure_step_peak_bytes(step, resident)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize("recompute", RECOMPUTE_MODES)
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_the_predicted_peak_is_within_10_percent_of_a_measured_training_step(dropout, recompute, accumulate):
+    cfg = _mini(dropout)
+    cfg.parallel.recompute, cfg.parallel.global_batch = recompute, accumulate * cfg.parallel.micro_batch
+    assert estimate(cfg)["total_gb"] * 1e9 == pytest.approx(_measured_step_peak(cfg), rel=0.10)
+
+
+def _check_distributed_optimizer_peak(cfg):
+    grid = state.current()
+    random.seed(0, 0)
+    model = GPTModel(cfg.model)
+    optimizer = DistributedOptimizer(model, cfg.optimizer, grid)
+    sync = GradientSync(model, grid, optimizer.grads)
+    tokens = torch.randint(0, cfg.model.vocab_size, (cfg.parallel.micro_batch, cfg.data.seq_len + 1))
+
+    def step():
+        model.loss(model(tokens[:, :-1]), tokens[:, 1:]).backward()
+        sync()
+        optimizer.step(cfg.optimizer.clip_grad)
+
+    step()
+    moments = [t for s in optimizer.optimizer.state.values() for t in s.values() if t.dim()]
+    measured = measure_step_peak_bytes(step, [*model.parameters(), optimizer.grads, *moments])
+    assert estimate(cfg)["total_gb"] * 1e9 == pytest.approx(measured, rel=0.10)
+
+
+def test_the_predicted_peak_with_the_distributed_optimizer_is_within_10_percent_at_dp2():
+    cfg = _mini(0.0)
+    cfg.parallel.dp, cfg.parallel.distributed_optimizer, cfg.parallel.global_batch = 2, True, 8
+    run_on_ranks(2, _check_distributed_optimizer_peak, cfg, tp=1)
