@@ -66,7 +66,9 @@ def test_the_distributed_optimizer_keeps_1_over_dp_of_adams_state_per_rank():
     assert sharded["optimizer_gb"] == pytest.approx(plain["optimizer_gb"] / 4) == pytest.approx(per_rank * 8 / 4 / 1e9)
     assert (sharded["weights_gb"], sharded["gradients_gb"]) == (plain["weights_gb"], plain["gradients_gb"])
     assert preflight.state_bytes_per_parameter(cfg) == 4 + 4 + 8 / 4
-    assert plain["total_gb"] - sharded["total_gb"] == pytest.approx(per_rank * 6 / 1e9)
+    # Adam's slices save 6 bytes per parameter; the flat gradient buffer, resident for the run, costs the 4 that
+    # the plain optimizer frees after each step (its peak, at the forward's end, holds no gradients)
+    assert plain["total_gb"] - sharded["total_gb"] == pytest.approx(per_rank * (6 - 4) / 1e9)
     assert "Adam state (2 x fp32 / dp=4)" in report(cfg, sharded)
 
 
