@@ -195,6 +195,10 @@ class ParallelConfig(Schema):
     # attention dropout, attention over V; frees its s^2 tensors for a few % more compute) | full (each layer:
     # keeps only its input, ~1/3 more compute)
     recompute: str = checked("none", choices=RECOMPUTE_MODES)
+    # Korthikanti et al. 2022: layernorms, dropouts and the residual stream on seq/tp tokens per TP rank (each
+    # all-reduce becomes a reduce-scatter + all-gather, same bytes); activations between TP regions shrink by tp.
+    # Needs the sequence length divisible by tp; training and RACE only
+    sequence_parallel: bool = False
     # ZeRO stage 1: Adam's moments (and fp32 main weights, where parameters are lower precision) sharded over the DP
     # group; gradients reduce-scattered, updated parameters all-gathered: Adam costs 8/dp bytes per parameter
     distributed_optimizer: bool = False

@@ -14,7 +14,7 @@ import os
 import torch
 
 from megatron_exp import hardware
-from megatron_exp.config import Config, ConfigError, check_ranges
+from megatron_exp.config import Config, ConfigError, ParallelConfig, check_ranges
 from megatron_exp.models import build_model
 from megatron_exp.parallel import state
 from megatron_exp.parallel.pipeline import PipelineLayout
@@ -106,6 +106,9 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             f"data.seq_len={cfg.data.seq_len} exceeds model.seq_len={cfg.model.seq_len} (learned positions): "
             f"lower data.seq_len or raise model.seq_len"
         )
+    problem = sequence_parallel_problem(par, cfg.data.seq_len, "data.seq_len")
+    if problem:
+        raise ConfigError(problem)
     if hw.precision not in ("fp32", "bf16", "fp16"):
         raise ConfigError(f"hardware.precision={hw.precision} is unknown: fp32, bf16 or fp16")
 
@@ -119,6 +122,17 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check_memory(cfg, workers)
     if hw.device == "cpu":
         _warn_about_cpu_speed(cfg, workers)
+
+
+def sequence_parallel_problem(par: ParallelConfig, seq_len: int, key: str) -> str | None:
+    """Why sequences of `seq_len` tokens (set by `key`) cannot be split over the TP ranks, or None."""
+    if not par.sequence_parallel or seq_len % par.tp == 0:
+        return None
+    lower = max(par.tp, seq_len // par.tp * par.tp)
+    return (
+        f"{key}={seq_len} is not divisible by parallel.tp={par.tp}, which parallel.sequence_parallel=true splits "
+        f"each sequence over: set {key}={lower} or {lower + par.tp}, or parallel.sequence_parallel=false"
+    )
 
 
 def check_pipeline(cfg: Config) -> None:

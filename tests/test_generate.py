@@ -70,6 +70,10 @@ def test_bad_input_is_one_line_naming_the_key(tmp_path, run_dir):
         ({"prompt": []}, r"^prompt=\[\] holds no text"),
         ({"parallel": ParallelConfig(pp=2)}, r"^parallel.pp=2: generation runs on TP ranks only"),
         ({"parallel": ParallelConfig(tp=3)}, r"^model.heads=8 is not divisible by parallel.tp=3"),
+        (
+            {"parallel": ParallelConfig(tp=2, sequence_parallel=True)},
+            r"^parallel.sequence_parallel=true saves activation memory in training only.*: leave it false$",
+        ),
         ({"top_p": 1.5}, r"^top_p=1.5 must be in \(0, 1\]"),
         ({"top_p": 0.0}, r"^top_p=0.0 must be > 0"),
         ({"temperature": -1.0}, r"^temperature=-1.0 must be >= 0"),

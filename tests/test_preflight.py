@@ -47,6 +47,9 @@ def test_derived_values_are_filled():
         (["parallel.micro_batch=0"], None, r"^parallel.micro_batch=0 must be a positive integer$"),
         (["hardware=h100"], None, r"^hardware=h100 needs CUDA GPUs but torch sees none: use hardware=cpu"),
         (["optimizer.decay_style=step"], None, r"^optimizer.decay_style=step is unknown"),
+        (["parallel.tp=4", "parallel.sequence_parallel=true", "data.seq_len=250"], None,
+         r"^data.seq_len=250 is not divisible by parallel.tp=4, which parallel.sequence_parallel=true splits each "
+         r"sequence over: set data.seq_len=248 or 252, or parallel.sequence_parallel=false$"),
     ],
 )  # fmt: skip
 def test_each_invalid_config_fails_with_one_line_naming_the_key(overrides, world_size, message):

@@ -287,3 +287,24 @@ def test_the_command_at_pp2_and_interleaved_logs_the_losses_of_pp1(tmp_path, sha
     assert len(losses["pp1"]) == 4
     for name in ("pp2", "interleaved"):
         assert losses[name] == pytest.approx(losses["pp1"], rel=1e-5), name
+
+
+@pytest.mark.slow
+def test_sequence_parallelism_logs_the_losses_of_plain_tp(tmp_path, shared_cache):
+    """parallel.sequence_parallel=true at tp=2 (and with a tp2 x pp2 pipeline) trains the same model: the same
+    losses to fp32 rounding (dropout off: its masks on shards are per rank)."""
+    short = [*TINY, "model.layers=4", "train.iterations=4", "train.eval_interval=0", "parallel.micro_batch=2",
+             "parallel.global_batch=4", "checkpoint.save_final=false", "logger.wandb=false",
+             "parallel.tp=2"]  # fmt: skip
+    layouts = {"tp2": [], "sp": ["parallel.sequence_parallel=true"],
+               "sp_pp2": ["parallel.sequence_parallel=true", "parallel.pp=2"]}  # fmt: skip
+    losses = {}
+    for name, layout in layouts.items():
+        done = train(tmp_path / name, *short, *layout, cache=shared_cache)
+        output = done.stdout + done.stderr
+        assert done.returncode == 0, output[-3000:]
+        losses[name] = [r["train/loss"] for r in records(tmp_path / name) if "train/loss" in r]
+    assert "no greedy sample at parallel.sequence_parallel=true" in (tmp_path / "sp" / "train.log").read_text()
+    assert len(losses["tp2"]) == 4
+    for name in ("sp", "sp_pp2"):
+        assert losses[name] == pytest.approx(losses["tp2"], rel=1e-5), name

@@ -3,7 +3,9 @@ token-type embeddings, a masked-LM head whose output layer is the vocab-parallel
 vocab-parallel bias), and a sentence-order head on the pooled [CLS] state.
 
 Only the MLM output layer touches the vocabulary, through f and the vocab-parallel cross-entropy; the MLM dense
-layer, the pooler and the SOP head are small and replicated on every TP rank.
+layer, the pooler and the SOP head are small and replicated on every TP rank. With sequence parallelism the MLM
+dense layer and its layernorm run on the sequence shard (their gradients tagged for the TP sum), the output layer
+gathers the sequence, and the pooler reads [CLS] gathered from the first shard.
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ from torch import nn
 from megatron_exp.config import ModelConfig
 from megatron_exp.models.transformer import TransformerModel
 from megatron_exp.parallel.cross_entropy import vocab_parallel_cross_entropy
-from megatron_exp.parallel.mappings import f_linear
+from megatron_exp.parallel.mappings import f_linear, gather_sequence
 from megatron_exp.parallel.pipeline import ModelPart
-from megatron_exp.parallel.sharding import ShardSpec
+from megatron_exp.parallel.sharding import ShardSpec, mark_sequence_parallel
 from megatron_exp.parallel.state import Group
 
 TOKEN_TYPES = 2  # segment A and segment B
@@ -39,8 +41,9 @@ class BERTModel(TransformerModel):
         seed: int = 0,
         pretraining_heads: bool = True,
         part: ModelPart | None = None,
+        sequence_parallel: bool = False,
     ):
-        super().__init__(cfg, tp, recompute, token_types=TOKEN_TYPES, part=part)
+        super().__init__(cfg, tp, recompute, token_types=TOKEN_TYPES, part=part, sequence_parallel=sequence_parallel)
         self.pooler = nn.Linear(cfg.hidden, cfg.hidden) if self.part.head else None
         if pretraining_heads and self.part.head:
             self.mlm_dense = nn.Linear(cfg.hidden, cfg.hidden)
@@ -51,6 +54,12 @@ class BERTModel(TransformerModel):
             self.head_dropout = nn.Dropout(cfg.hidden_dropout)
         self.finish_init(seed)
 
+    def mark_sequence_parallel(self) -> None:
+        super().mark_sequence_parallel()  # mlm_norm among the layernorms
+        if hasattr(self, "mlm_dense"):
+            for param in self.mlm_dense.parameters():
+                mark_sequence_parallel(param)
+
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
         super().init_weights(seed)
@@ -58,8 +67,10 @@ class BERTModel(TransformerModel):
             nn.init.zeros_(self.mlm_bias)
 
     def pool(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The sequence summary for classification: tanh(dense(state of [CLS])), [batch, hidden]."""
-        return torch.tanh(self.pooler(hidden[:, 0]))
+        """The sequence summary for classification: tanh(dense(state of [CLS])), [batch, hidden]. Under sequence
+        parallelism every rank's first position is gathered and [CLS] is TP rank 0's."""
+        first = gather_sequence(hidden[:, :1], self.tp)[:, 0] if self.sequence_parallel else hidden[:, 0]
+        return torch.tanh(self.pooler(first))
 
     def forward(
         self,
@@ -75,7 +86,7 @@ class BERTModel(TransformerModel):
         if not self.is_last(chunk):
             return hidden
         x = self.mlm_norm(F.gelu(self.mlm_dense(hidden), approximate="tanh"))
-        mlm_logits = f_linear(x, self.embedding.weight, self.mlm_bias, self.tp)
+        mlm_logits = f_linear(x, self.embedding.weight, self.mlm_bias, self.tp, self.sequence_parallel)
         sop_logits = self.sop_head(self.head_dropout(self.pool(hidden)))
         return mlm_logits, sop_logits
 
@@ -102,9 +113,19 @@ class BERTMultipleChoice(nn.Module):
     perplexity_term = None
     loss_term_names = ("loss", "accuracy")
 
-    def __init__(self, cfg: ModelConfig, tp: Group | None = None, *, recompute: str = "none", seed: int = 0):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        tp: Group | None = None,
+        *,
+        recompute: str = "none",
+        seed: int = 0,
+        sequence_parallel: bool = False,
+    ):
         super().__init__()
-        self.bert = BERTModel(cfg, tp, recompute=recompute, seed=seed, pretraining_heads=False)
+        self.bert = BERTModel(
+            cfg, tp, recompute=recompute, seed=seed, pretraining_heads=False, sequence_parallel=sequence_parallel
+        )
         self.cfg, self.tp = cfg, self.bert.tp
         self.dropout = nn.Dropout(cfg.hidden_dropout)
         self.score = nn.Linear(cfg.hidden, 1)

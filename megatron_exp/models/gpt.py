@@ -31,8 +31,9 @@ class GPTModel(TransformerModel):
         recompute: str = "none",  # parallel.recompute: none | selective | full
         seed: int = 0,
         part: ModelPart | None = None,
+        sequence_parallel: bool = False,
     ):
-        super().__init__(cfg, tp, recompute, part=part)
+        super().__init__(cfg, tp, recompute, part=part, sequence_parallel=sequence_parallel)
         self.finish_init(seed)
 
     def forward(
@@ -49,8 +50,9 @@ class GPTModel(TransformerModel):
 
     def output_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Final hidden states -> this rank's vocabulary slice of the logits (the output layer tied to the
-        embedding); generation applies it to the last position only."""
-        return f_linear(x, self.embedding.weight, None, self.tp)
+        embedding); generation applies it to the last position only. With sequence parallelism x is this rank's
+        sequence shard, gathered inside the matmul: the logits cover the whole sequence."""
+        return f_linear(x, self.embedding.weight, None, self.tp, self.sequence_parallel)
 
     def loss_terms(self, logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
         """The mean token loss."""

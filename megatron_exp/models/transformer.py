@@ -3,6 +3,13 @@ layer stack that GPT and BERT share.
 
 Per layer and TP group: forward has 2 all-reduces (g after attention, g after the MLP), backward 2 (f before
 each). Layernorms, the residual stream and the row-parallel biases are replicated.
+
+With sequence parallelism (Korthikanti et al., 2022) everything between the TP regions runs on this rank's
+sequence shard [batch, seq / tp, hidden]: the embeddings leave reduce-scattered, each layer all-gathers before
+QKV and the MLP's first matmul and reduce-scatters after the projections (the same bytes as the 2 all-reduces),
+and the output layer gathers the final shard into its matmul. Dropout there draws this rank's own masks (the
+TP-region stream). Layernorms, row-parallel biases and the position and token-type embeddings then see only the
+shard's tokens: they are tagged (`mark_sequence_parallel`) and their gradients summed over TP after backward.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from megatron_exp.models.kv_cache import KVCache
 from megatron_exp.parallel import random, state
 from megatron_exp.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from megatron_exp.parallel.pipeline import ModelPart, whole
-from megatron_exp.parallel.sharding import init_normal_shard_
+from megatron_exp.parallel.sharding import init_normal_shard_, mark_sequence_parallel
 from megatron_exp.parallel.state import Group
 
 
@@ -36,21 +43,24 @@ class ParallelAttention(nn.Module):
     splitting its rows into contiguous TP slices hands each rank whole heads.
     """
 
-    def __init__(self, cfg: ModelConfig, tp: Group, recompute_core: bool = False):
+    def __init__(self, cfg: ModelConfig, tp: Group, recompute_core: bool = False, sequence_parallel: bool = False):
         super().__init__()
         self.local_heads, self.head_dim = cfg.heads // tp.size, cfg.head_dim
         self.dropout, self.causal = cfg.attention_dropout, cfg.causal
         self.recompute_core = recompute_core  # parallel.recompute=selective
-        self.qkv = ColumnParallelLinear(cfg.hidden, 3 * cfg.hidden, init_std=cfg.init_std, tp=tp)
-        self.proj = RowParallelLinear(cfg.hidden, cfg.hidden, init_std=output_init_std(cfg), tp=tp)
+        sp = dict(tp=tp, sequence_parallel=sequence_parallel)
+        self.qkv = ColumnParallelLinear(cfg.hidden, 3 * cfg.hidden, init_std=cfg.init_std, **sp)
+        self.proj = RowParallelLinear(cfg.hidden, cfg.hidden, init_std=output_init_std(cfg), **sp)
 
     def forward(
         self, x: torch.Tensor, padding_mask: torch.Tensor | None = None, cache: KVCache | None = None
     ) -> torch.Tensor:
         """`padding_mask` [batch, seq], True at real tokens: no query attends to a padding key. With a `cache`
-        (decoding), x is the block of tokens after the cached ones, which it attends to with the cache's mask."""
-        batch, seq, _ = x.shape
-        qkv = self.qkv(x).view(batch, seq, self.local_heads, 3, self.head_dim)
+        (decoding), x is the block of tokens after the cached ones, which it attends to with the cache's mask.
+        With sequence parallelism x is this rank's sequence shard; the QKV matmul gathers the whole sequence."""
+        qkv = self.qkv(x)
+        batch, seq, _ = qkv.shape
+        qkv = qkv.view(batch, seq, self.local_heads, 3, self.head_dim)
         q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)  # each [batch, local_heads, seq, head_dim]
         dropout = self.dropout if self.training else 0.0
         keys = None if padding_mask is None else padding_mask[:, None, None, :]
@@ -75,27 +85,44 @@ class ParallelAttention(nn.Module):
 class ParallelMLP(nn.Module):
     """h -> 4h (column-parallel) -> GELU (tanh form, as GPT-2) -> h (row-parallel)."""
 
-    def __init__(self, cfg: ModelConfig, tp: Group):
+    def __init__(self, cfg: ModelConfig, tp: Group, sequence_parallel: bool = False):
         super().__init__()
-        self.fc1 = ColumnParallelLinear(cfg.hidden, cfg.ffn_hidden, init_std=cfg.init_std, tp=tp)
-        self.fc2 = RowParallelLinear(cfg.ffn_hidden, cfg.hidden, init_std=output_init_std(cfg), tp=tp)
+        sp = dict(tp=tp, sequence_parallel=sequence_parallel)
+        self.fc1 = ColumnParallelLinear(cfg.hidden, cfg.ffn_hidden, init_std=cfg.init_std, **sp)
+        self.fc2 = RowParallelLinear(cfg.ffn_hidden, cfg.hidden, init_std=output_init_std(cfg), **sp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
+class ShardDropout(nn.Dropout):
+    """Dropout on the residual stream: replicated activations draw the same mask on every TP rank (the default
+    stream); sequence shards (`sequence_parallel`) each draw their own, from the TP-region stream."""
+
+    def __init__(self, p: float, sequence_parallel: bool = False):
+        super().__init__(p)
+        self.sequence_parallel = sequence_parallel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.sequence_parallel and self.training and self.p > 0):
+            return super().forward(x)
+        with random.tp_region():
+            return super().forward(x)
+
+
 class TransformerLayer(nn.Module):
     """Pre-LN (default): x + dropout(attention(ln(x))), then the same with the MLP.
-    Post-LN (`model.layernorm=post`, the original BERT): ln(x + dropout(attention(x))), then the same."""
+    Post-LN (`model.layernorm=post`, the original BERT): ln(x + dropout(attention(x))), then the same.
+    With `sequence_parallel`, x is this rank's sequence shard and every step but attention and the MLP runs on it."""
 
-    def __init__(self, cfg: ModelConfig, tp: Group, recompute: str = "none"):
+    def __init__(self, cfg: ModelConfig, tp: Group, recompute: str = "none", sequence_parallel: bool = False):
         super().__init__()
         self.post_ln = cfg.layernorm == "post"
         self.attention_norm = nn.LayerNorm(cfg.hidden, eps=cfg.layernorm_eps)
-        self.attention = ParallelAttention(cfg, tp, recompute_core=recompute == "selective")
+        self.attention = ParallelAttention(cfg, tp, recompute == "selective", sequence_parallel)
         self.mlp_norm = nn.LayerNorm(cfg.hidden, eps=cfg.layernorm_eps)
-        self.mlp = ParallelMLP(cfg, tp)
-        self.dropout = nn.Dropout(cfg.hidden_dropout)
+        self.mlp = ParallelMLP(cfg, tp, sequence_parallel)
+        self.dropout = ShardDropout(cfg.hidden_dropout, sequence_parallel)
 
     def forward(
         self, x: torch.Tensor, padding_mask: torch.Tensor | None = None, cache: KVCache | None = None
@@ -120,6 +147,9 @@ class TransformerModel(nn.Module):
     Weights depend on `seed`, not on the layout: every module draws from a generator seeded by the seed and its
     own name. Built under `torch.device("meta")` it allocates nothing and skips initialization (for counting
     and planning). Subclasses add their modules, then call `finish_init`.
+
+    `sequence_parallel` (at TP > 1): the layers' input and output, and a chunk's output in a pipeline, are this
+    rank's sequence shard [batch, seq / tp, hidden].
     """
 
     def __init__(
@@ -129,22 +159,26 @@ class TransformerModel(nn.Module):
         recompute: str,
         token_types: int = 0,
         part: ModelPart | None = None,
+        sequence_parallel: bool = False,
     ):
         super().__init__()
         self.tp = tp or state.current().tp
         cfg.validate(self.tp.size)
         self.cfg, self.recompute = cfg, recompute
+        self.sequence_parallel = sp = sequence_parallel and self.tp.size > 1
         self.part = part or whole(cfg.layers)
         first, last, pre_ln = self.part.embeddings, self.part.head, cfg.layernorm == "pre"
         self.embedding = None
         if first or last:
-            self.embedding = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden, init_std=cfg.init_std, tp=self.tp)
+            self.embedding = VocabParallelEmbedding(
+                cfg.vocab_size, cfg.hidden, init_std=cfg.init_std, tp=self.tp, sequence_parallel=sp
+            )
             self.embedding.weight.pipeline_copy = not first
         self.position_embedding = nn.Parameter(torch.empty(cfg.seq_len, cfg.hidden)) if first else None
         types = token_types if first else 0
         self.token_type_embedding = nn.Parameter(torch.empty(types, cfg.hidden)) if types else None
-        self.embedding_dropout = nn.Dropout(cfg.hidden_dropout) if first else None
-        self.layers = nn.ModuleDict({str(i): TransformerLayer(cfg, self.tp, recompute) for i in self.part.layers})
+        self.embedding_dropout = ShardDropout(cfg.hidden_dropout, sp) if first else None
+        self.layers = nn.ModuleDict({str(i): TransformerLayer(cfg, self.tp, recompute, sp) for i in self.part.layers})
         self.final_norm = nn.LayerNorm(cfg.hidden, eps=cfg.layernorm_eps) if last and pre_ln else None
         self.embedding_norm = nn.LayerNorm(cfg.hidden, eps=cfg.layernorm_eps) if first and not pre_ln else None
 
@@ -164,8 +198,35 @@ class TransformerModel(nn.Module):
             layer.compile()
 
     def finish_init(self, seed: int) -> None:
+        if self.sequence_parallel:
+            self.mark_sequence_parallel()
         if not next(self.parameters()).is_meta:
             self.init_weights(seed)
+
+    def mark_sequence_parallel(self) -> None:
+        """Tag the replicated parameters applied to sequence shards (the row-parallel biases tag themselves): the
+        layernorms and the position and token-type embeddings."""
+        for module in self.modules():
+            if isinstance(module, nn.LayerNorm):
+                for param in module.parameters():
+                    mark_sequence_parallel(param)
+        for param in (self.position_embedding, self.token_type_embedding):
+            if param is not None:
+                mark_sequence_parallel(param)
+
+    def hidden_shape(self, tokens: torch.Tensor) -> torch.Size:
+        """The shape of a chunk's output for `tokens` [batch, seq]: what pipeline stages send each other."""
+        batch, seq = tokens.shape
+        return torch.Size((batch, seq // self.tp.size if self.sequence_parallel else seq, self.cfg.hidden))
+
+    def sequence_shard(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's shard of x's sequence (dim 1) under sequence parallelism, else x (no autograd hook: what
+        reaches a parameter through it is tagged for the TP sum)."""
+        if not self.sequence_parallel:
+            return x
+        if x.shape[1] % self.tp.size:
+            raise ValueError(f"sequence of {x.shape[1]} tokens is not divisible by parallel.tp={self.tp.size}")
+        return x.chunk(self.tp.size, dim=1)[self.tp.rank]
 
     def generator(self, seed: int, name: str) -> torch.Generator:
         """The random stream of the module (or parameter) called `name`: the same whichever stage builds it."""
@@ -198,16 +259,17 @@ class TransformerModel(nn.Module):
     def embed(
         self, tokens: torch.Tensor, token_types: torch.Tensor | None = None, positions: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Token + position (+ token type) embeddings; `positions` [batch, seq] default to 0, 1, ... in every row."""
+        """Token + position (+ token type) embeddings; `positions` [batch, seq] default to 0, 1, ... in every row.
+        With sequence parallelism, those of this rank's sequence shard."""
         if positions is None:
             seq = tokens.shape[1]
             if seq > self.cfg.seq_len:
                 raise ValueError(f"sequence of {seq} tokens is longer than model.seq_len={self.cfg.seq_len}")
-            x = self.embedding(tokens) + self.position_embedding[:seq]
+            x = self.embedding(tokens) + self.sequence_shard(self.position_embedding[None, :seq])
         else:
-            x = self.embedding(tokens) + F.embedding(positions, self.position_embedding)
+            x = self.embedding(tokens) + F.embedding(self.sequence_shard(positions), self.position_embedding)
         if token_types is not None:
-            x = x + F.embedding(token_types, self.token_type_embedding)
+            x = x + F.embedding(self.sequence_shard(token_types), self.token_type_embedding)
         if self.embedding_norm is not None:
             x = self.embedding_norm(x)
         return self.embedding_dropout(x)
@@ -222,9 +284,12 @@ class TransformerModel(nn.Module):
         chunk: int | None = None,
         cache: KVCache | None = None,
     ) -> torch.Tensor:
-        """tokens [batch, seq] -> hidden states [batch, seq, hidden], replicated on every TP rank: through the
-        whole model, or (pipeline) through `chunk` only, from the previous chunk's `hidden`. With a `cache`
-        (decoding), tokens are the block after the cached ones, at the cache's positions."""
+        """tokens [batch, seq] -> hidden states [batch, seq, hidden], replicated on every TP rank (with sequence
+        parallelism, this rank's [batch, seq / tp, hidden] shard): through the whole model, or (pipeline) through
+        `chunk` only, from the previous chunk's `hidden`. With a `cache` (decoding), tokens are the block after
+        the cached ones, at the cache's positions."""
+        if cache is not None and self.sequence_parallel:
+            raise ValueError("decoding with a KV cache needs a model built without sequence_parallel")
         if chunk in (None, 0):
             x = self.embed(tokens, token_types, None if cache is None else cache.positions)
         else:

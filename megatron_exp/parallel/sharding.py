@@ -96,6 +96,17 @@ class ShardSpec:
 REPLICATED = ShardSpec()
 
 
+def mark_sequence_parallel(param: nn.Parameter) -> nn.Parameter:
+    """Tag a replicated parameter that, under sequence parallelism, sees only this rank's sequence shard: its
+    gradient is this rank's part of the sum, completed over the TP group (training/grad_sync.py)."""
+    param.sequence_parallel = True
+    return param
+
+
+def is_sequence_parallel(param: torch.Tensor) -> bool:
+    return getattr(param, "sequence_parallel", False)
+
+
 def shard_specs(model: nn.Module) -> dict[str, ShardSpec]:
     """Spec of every parameter by state-dict name (tied parameters appear once, under their first name)."""
     return {name: ShardSpec.of(p) for name, p in model.named_parameters()}

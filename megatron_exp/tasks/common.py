@@ -80,6 +80,11 @@ def read_texts(task: TextTaskConfig) -> list[str]:
 def gpt_checkpoint(cfg: EvalConfig | GenerateConfig, refusal: str) -> tuple[Path, ModelConfig]:
     """The checkpoint directory `cfg.checkpoint` names and its model, which must be a GPT that runs at
     `parallel.tp`; `refusal` ends the error for another architecture."""
+    if cfg.parallel.sequence_parallel:
+        raise ConfigError(
+            "parallel.sequence_parallel=true saves activation memory in training only; evaluation and generation "
+            "run without it (decoding with a KV cache cannot split the sequence): leave it false"
+        )
     directory = checkpoint.require(cfg.checkpoint, "checkpoint")
     model = checkpoint.model_config_of(directory)
     if model.arch != "gpt":

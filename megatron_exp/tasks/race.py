@@ -36,6 +36,7 @@ from megatron_exp.hardware import device_of
 from megatron_exp.models.bert import BERTMultipleChoice
 from megatron_exp.models.contract import Batch
 from megatron_exp.parallel import random, state
+from megatron_exp.preflight import sequence_parallel_problem
 from megatron_exp.tasks.common import load_tokenizer
 from megatron_exp.training import checkpoint, flops
 from megatron_exp.training.loop import Cadence, Cost, TrainingLoop
@@ -167,7 +168,10 @@ class FineTuning:
         self.cfg, self.pretrained, self.shows_progress = cfg, pretrained, grid.rank == 0
         model_cfg = checkpoint.model_config_of(pretrained)
         with torch.device(device_of(cfg.hardware)):
-            self.model = BERTMultipleChoice(model_cfg, grid.tp, recompute=cfg.parallel.recompute, seed=cfg.seed)
+            self.model = BERTMultipleChoice(
+                model_cfg, grid.tp, recompute=cfg.parallel.recompute, seed=cfg.seed,
+                sequence_parallel=cfg.parallel.sequence_parallel,
+            )  # fmt: skip
         weights = checkpoint.load_model_state(pretrained, self.model.bert, grid)
         encoder = {name: weights[name] for name in self.model.bert.state_dict() if name in weights}
         checkpoint.load_into(self.model.bert, encoder, pretrained, "model")  # the pretraining heads stay behind
@@ -270,6 +274,9 @@ def model_problems(cfg: RaceConfig, model: ModelConfig) -> list[str]:
             f"parallel.pp={par.pp}: RACE fine-tuning runs on TP ranks only (a checkpoint of any pipeline layout "
             "loads); use parallel.pp=1"
         )
+    problem = sequence_parallel_problem(par, task.seq_len, "task.seq_len")
+    if problem:
+        problems.append(problem)
     if task.seq_len > model.seq_len:
         problems.append(
             f"task.seq_len={task.seq_len} exceeds the model's {model.seq_len} positions: set task.seq_len to at "

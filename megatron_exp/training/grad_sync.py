@@ -6,6 +6,10 @@
   each DP rank the mean of only the slice it steps.
 - Pipeline parallelism: the word embedding is used by the first stage (input) and the last (tied output layer);
   each holds a copy, and the embedding group sums their gradients so the copies take the same step.
+- Sequence parallelism: replicated parameters applied to sequence shards (layernorms, row-parallel biases,
+  position embeddings: tagged by `mark_sequence_parallel`) hold this TP rank's part of their gradient; the TP
+  group sums them first, so the replicas stay equal and the gradient norm (which counts a replicated parameter
+  once) and the DP reduction see whole gradients.
 
 The schedule runs all micro-batches first (a pipeline's last backward differs per stage), so the reduction comes
 after, not overlapped with, backward.
@@ -18,6 +22,7 @@ import torch.distributed as dist
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from megatron_exp.parallel.sharding import is_sequence_parallel
 from megatron_exp.parallel.state import ProcessGrid
 
 BUCKET_BYTES = 25 * 2**20
@@ -37,8 +42,10 @@ class GradientSync:
         self.grid, self.flat = grid, flat
         self.parameters = [p for p in model.parameters() if p.requires_grad]
         self.embedding = tied_embedding(model) if grid.pp.size > 1 else None
+        self.sequence_parallel = [p for p in self.parameters if is_sequence_parallel(p)] if grid.tp.size > 1 else []
 
     def __call__(self) -> None:
+        self._sum_over_tp()
         if self.flat is None:
             self._all_reduce_over_dp()
             self._sum_embedding()
@@ -57,23 +64,35 @@ class GradientSync:
             dist.reduce_scatter_single(own, self.flat, group=dp.handle)
             own /= dp.size
 
+    def _sum_over_tp(self) -> None:
+        for bucket in _buckets(self.sequence_parallel):
+            _all_reduce_bucket(bucket, self.grid.tp.handle)
+
     def _all_reduce_over_dp(self) -> None:
         if self.grid.dp.size > 1:
-            for bucket in self._buckets():
-                flat = _flatten_dense_tensors(bucket)
-                dist.all_reduce(flat, group=self.grid.dp.handle)
-                flat /= self.grid.dp.size
-                for grad, reduced in zip(bucket, _unflatten_dense_tensors(flat, bucket), strict=True):
-                    grad.copy_(reduced)
+            for bucket in _buckets(self.parameters):
+                _all_reduce_bucket(bucket, self.grid.dp.handle, divide=self.grid.dp.size)
 
-    def _buckets(self) -> list[list[torch.Tensor]]:
-        buckets, current, size = [], [], 0
-        for p in self.parameters:
-            if p.grad is None:
-                continue
-            if current and (size + p.grad.nbytes > BUCKET_BYTES or p.grad.dtype != current[0].dtype):
-                buckets.append(current)
-                current, size = [], 0
-            current.append(p.grad)
-            size += p.grad.nbytes
-        return [*buckets, current] if current else buckets
+
+def _all_reduce_bucket(bucket: list[torch.Tensor], group: dist.ProcessGroup, divide: int = 1) -> None:
+    """Sum (then divide) the gradients of a bucket over `group` with one all-reduce, in place."""
+    flat = _flatten_dense_tensors(bucket)
+    dist.all_reduce(flat, group=group)
+    if divide > 1:
+        flat /= divide
+    for grad, reduced in zip(bucket, _unflatten_dense_tensors(flat, bucket), strict=True):
+        grad.copy_(reduced)
+
+
+def _buckets(parameters: list[nn.Parameter]) -> list[list[torch.Tensor]]:
+    """The parameters' gradients in groups of up to BUCKET_BYTES of one dtype."""
+    buckets, current, size = [], [], 0
+    for p in parameters:
+        if p.grad is None:
+            continue
+        if current and (size + p.grad.nbytes > BUCKET_BYTES or p.grad.dtype != current[0].dtype):
+            buckets.append(current)
+            current, size = [], 0
+        current.append(p.grad)
+        size += p.grad.nbytes
+    return [*buckets, current] if current else buckets

@@ -65,8 +65,9 @@ class Pipeline:
     Sends are asynchronous and receives block, so a stage waits only for what its next action needs; activations
     go forward on the PP group and gradients back on a second one, so the two directions never queue behind each
     other (NCCL runs a group's transfers in order). Each stage reads its own copy of every micro-batch (the data
-    is the same on every rank): only [micro_batch, seq, hidden] activations and their gradients travel. The loss
-    terms exist on the last stage; the others return zeros, and the metrics sum them over the PP group.
+    is the same on every rank): only [micro_batch, seq, hidden] activations and their gradients travel
+    ([micro_batch, seq / tp, hidden] sequence shards with sequence parallelism). The loss terms exist on the last
+    stage; the others return zeros, and the metrics sum them over the PP group.
     """
 
     def __init__(
@@ -95,14 +96,11 @@ class Pipeline:
         dist.irecv(buffer, group=group, group_src=self.layout.stage_of(chunk)).wait()
         return buffer
 
-    def _hidden_shape(self, batch: Batch) -> torch.Size:
-        return torch.Size((*batch.inputs["tokens"].shape, self.model.cfg.hidden))
-
     def _forward(self, action: Action, batch: Batch) -> tuple[torch.Tensor | None, object]:
         """(the chunk's input activation or None, its output)."""
         hidden = None
         if action.chunk > 0:
-            hidden = self._receive(self._hidden_shape(batch), action.chunk - 1, forward=True)
+            hidden = self._receive(self.model.hidden_shape(batch.inputs["tokens"]), action.chunk - 1, forward=True)
             hidden.requires_grad_(torch.is_grad_enabled())
         with self.autocast():
             output = self.model(**batch.inputs, hidden=hidden, chunk=action.chunk)

@@ -63,7 +63,9 @@ class Pretraining:
         self.layout = PipelineLayout(par.pp, par.virtual_stages, cfg.model.layers)
         with torch.device(device_of(cfg.hardware)):
             recompute, seed, part = par.recompute, cfg.train.seed, self.layout.part(grid.pp.rank)
-            self.model = build_model(cfg.model, recompute=recompute, seed=seed, part=part)
+            self.model = build_model(
+                cfg.model, recompute=recompute, seed=seed, part=part, sequence_parallel=par.sequence_parallel
+            )
         if cfg.train.compile:
             self.model.compile_layers()
         if cfg.checkpoint.init_from and not cfg.resume:
@@ -159,9 +161,10 @@ def log_sample(spec: RunSpec[Config], model: torch.nn.Module, grid: ProcessGrid)
     cfg = spec.config
     if cfg.model.arch != "gpt" or grid.dp.rank != 0:
         return
-    if grid.pp.size > 1:
+    if grid.pp.size > 1 or model.sequence_parallel:
         if grid.rank == 0:
-            log.info("no sample at parallel.pp>1: generate from a checkpoint (python -m megatron_exp.generate)")
+            setting = "parallel.pp>1" if grid.pp.size > 1 else "parallel.sequence_parallel=true"
+            log.info("no sample at %s: generate from a checkpoint (python -m megatron_exp.generate)", setting)
         return
     tokenizer = Tokenizer.from_file(str(Path(spec.run_dir) / "tokenizer.json"))
     prompt = tokenizer.encode(SAMPLE_PROMPT).ids

@@ -119,19 +119,22 @@ def test_dropout_matches_serial_outside_tp_regions():
 
 _COLLECTIVES = [
     "all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "reduce_scatter",
-    "reduce_scatter_tensor", "broadcast", "all_to_all", "all_to_all_single", "reduce", "gather", "scatter",
+    "reduce_scatter_tensor", "all_gather_single", "reduce_scatter_single", "broadcast", "all_to_all",
+    "all_to_all_single", "reduce", "gather", "scatter",
     "barrier", "send", "recv", "isend", "irecv",
 ]  # fmt: skip
 
 
 @contextmanager
 def _recording(calls: list):
-    """Record every torch.distributed collective called in the block as (name, group, numel)."""
+    """Record every torch.distributed collective called in the block as (name, group, numel): numel of its largest
+    tensor argument (the whole activation, for an all-gather or reduce-scatter of its shards)."""
     originals = {name: getattr(dist, name) for name in _COLLECTIVES}
 
     def recorder(name):
         def call(*args, **kwargs):
-            numel = args[0].numel() if args and isinstance(args[0], torch.Tensor) else None
+            sizes = [a.numel() for a in args if isinstance(a, torch.Tensor)]
+            numel = max(sizes) if sizes else None
             calls.append((name, kwargs.get("group"), numel))
             return originals[name](*args, **kwargs)
 
@@ -223,3 +226,62 @@ def test_bad_shapes_fail_with_the_key_and_a_fix():
         GPTModel(ModelConfig(hidden=30, heads=4))
     with pytest.raises(ValueError, match=r"longer than model.seq_len=16"):
         GPTModel(NO_DROPOUT)(torch.zeros(1, 17, dtype=torch.long))
+
+
+def _ring_elements(name: str, numel: int, tp: int) -> float:
+    """Elements each rank sends in a ring collective over the whole tensor: an all-reduce is a reduce-scatter
+    followed by an all-gather, each (tp - 1) / tp of it."""
+    return (2 if name == "all_reduce" else 1) * (tp - 1) / tp * numel
+
+
+def _check_sequence_parallel_communication():
+    tp = state.current().tp
+    cfg = NO_DROPOUT
+    batch, seq = 3, 16
+    x = torch.randn(batch, seq // tp.size, cfg.hidden, requires_grad=True)  # this rank's sequence shard
+    whole = batch * seq * cfg.hidden
+    gather, scatter = ("all_gather_single", tp.handle, whole), ("reduce_scatter_single", tp.handle, whole)
+    traffic = {}
+    for sp in (False, True):
+        layer = TransformerLayer(cfg, tp, sequence_parallel=sp)
+        inputs = x if sp else torch.randn(batch, seq, cfg.hidden, requires_grad=True)
+        with _recording([]) as forward:
+            y = layer(inputs)
+        assert y.shape == inputs.shape
+        with _recording([]) as backward:
+            y.sum().backward()
+        traffic[sp] = forward, backward
+    # forward: all-gather before QKV, reduce-scatter after the projection; the same around the MLP
+    forward, backward = traffic[True]
+    assert forward == [gather, scatter] * 2, forward
+    # backward: the conjugates (all-gather of the MLP's output gradient, reduce-scatter of each input gradient),
+    # and before each reduce-scatter the all-gather of the saved input shard for the weight gradient (section 4.2.2)
+    conjugates = [backward[0], backward[2], backward[3], backward[5]]
+    assert conjugates == [gather, scatter, gather, scatter] and [backward[1], backward[4]] == [gather] * 2, backward
+
+    def volume(calls):
+        return sum(_ring_elements(name, numel, tp.size) for name, _, numel in calls)
+
+    # the same bytes as the 2 + 2 all-reduces of the layer without SP, plus the 2 re-gathers: 1/tp of the memory
+    plain_forward, plain_backward = traffic[False]
+    assert volume(forward) == volume(plain_forward) and volume(conjugates) == volume(plain_backward)
+    assert volume(backward) == 1.5 * volume(plain_backward)
+
+    model = GPTModel(cfg, sequence_parallel=True)
+    tokens = torch.randint(0, cfg.vocab_size, (batch, seq + 1), generator=torch.Generator().manual_seed(0))
+    with _recording([]) as forward:
+        _, loss = _lm_loss(model, tokens)
+    with _recording([]) as backward:
+        loss.backward()
+    assert all(group is tp.handle for _, group, _ in forward + backward)
+    # forward: the embedding's reduce-scatter, 4 per layer, the output layer's all-gather, the loss's 2 all-reduces
+    loss_reductions = [("all_reduce", tp.handle, batch * seq), ("all_reduce", tp.handle, 2 * batch * seq)]
+    assert forward == [scatter] + [gather, scatter] * 2 * cfg.layers + [gather] + loss_reductions, forward
+    # backward: the output layer's re-gather and reduce-scatter, 6 per layer, the embedding's all-gather
+    names = [name for name, *_ in backward]
+    assert names.count("reduce_scatter_single") == 1 + 2 * cfg.layers
+    assert names.count("all_gather_single") == 1 + 4 * cfg.layers + 1 and len(names) == 3 + 6 * cfg.layers
+
+
+def test_sequence_parallelism_trades_each_all_reduce_for_an_all_gather_and_a_reduce_scatter():
+    run_on_ranks(2, _check_sequence_parallel_communication)

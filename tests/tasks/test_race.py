@@ -181,6 +181,18 @@ def test_every_problem_is_reported_at_once_each_with_its_fix(tmp_path, tokenizer
     assert not (tmp_path / "job" / "inputs").exists()  # refused before tokenizing anything
 
 
+def test_sequence_parallelism_needs_task_seq_len_divisible_by_tp(tmp_path, tokenizer):
+    run = _bert_run(tmp_path / "bert", tokenizer, seq_len=64)
+    _learnable_race(tmp_path / "race", {"train": 6, "dev": 2, "test": 2}, COLOURS, NUMBERS)
+    cfg = _race_config(run, tmp_path / "race", seq_len=63)
+    cfg.parallel = ParallelConfig(tp=2, micro_batch=4, sequence_parallel=True)
+    with pytest.raises(ConfigError, match=r"^task.seq_len=63 is not divisible by parallel.tp=2, which .* set "
+                                          r"task.seq_len=62 or 64, or parallel.sequence_parallel=false$"):  # fmt: skip
+        prepare(cfg, str(tmp_path / "job"), joined=False)
+    cfg.task.seq_len = 64
+    assert prepare(cfg, str(tmp_path / "job"), joined=False).config.parallel.sequence_parallel
+
+
 def test_the_command_lists_the_problems_and_exits_2_before_any_worker(tmp_path, tokenizer):
     run = _bert_run(tmp_path / "bert", tokenizer, seq_len=64)
     _learnable_race(tmp_path / "race", {"train": 6, "dev": 2, "test": 2}, COLOURS, NUMBERS)

@@ -1,6 +1,6 @@
 """Pipeline schedules are exact: every stage's split of the model, run by the pipeline executor, gives the serial
 model's loss terms, every gradient and the same optimizer steps (fp64, dropout off), for GPT and BERT, every
-schedule, and pipelines combined with TP."""
+schedule, and pipelines combined with TP (and with sequence parallelism: stages pass sequence shards)."""
 
 import collections
 from contextlib import nullcontext
@@ -51,7 +51,7 @@ def _batch(arch: str, index: int) -> Batch:
 
 
 def _check_pipeline_matches_serial(
-    arch: str, schedule: str, virtual: int, micro_batches: int, layers: int, recompute: str
+    arch: str, schedule: str, virtual: int, micro_batches: int, layers: int, recompute: str, sp: bool = False
 ):
     torch.set_default_dtype(torch.float64)
     grid = state.current()
@@ -59,7 +59,7 @@ def _check_pipeline_matches_serial(
     layout = PipelineLayout(grid.pp.size, virtual, layers)
     with state.use(state.SERIAL):
         serial = build_model(cfg, seed=7)
-    model = build_model(cfg, seed=7, part=layout.part(grid.pp.rank), recompute=recompute)
+    model = build_model(cfg, seed=7, part=layout.part(grid.pp.rank), recompute=recompute, sequence_parallel=sp)
     specs = shard_specs(model)
     assert set(model.part.layers) == set(layout.part(grid.pp.rank).layers)
     serial_state = serial.state_dict()
@@ -131,6 +131,23 @@ def test_a_pipeline_equals_the_serial_model(arch, pp, tp, dp, schedule, virtual,
     layers = 2 * pp * virtual
     args = (arch, schedule, virtual, micro_batches, layers, recompute)
     run_on_ranks(pp * tp * dp, _check_pipeline_matches_serial, *args, tp=tp, pp=pp)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "arch, dp, schedule, virtual, micro_batches, recompute",
+    [
+        ("gpt", 1, "1f1b", 1, 3, "none"),
+        ("gpt", 1, "gpipe", 1, 2, "none"),
+        ("gpt", 1, "interleaved", 2, 2, "full"),
+        ("bert", 1, "1f1b", 1, 2, "none"),
+        ("gpt", 2, "interleaved", 2, 2, "none"),  # 8 processes
+    ],
+)
+def test_a_sequence_parallel_pipeline_equals_the_serial_model(arch, dp, schedule, virtual, micro_batches, recompute):
+    """tp=2 x pp=2 with sequence parallelism: every stage sends and receives [micro, seq / 2, hidden] shards."""
+    args = (arch, schedule, virtual, micro_batches, 4 * virtual, recompute, True)
+    run_on_ranks(4 * dp, _check_pipeline_matches_serial, *args, tp=2, pp=2)
 
 
 class _LiveActivations:
