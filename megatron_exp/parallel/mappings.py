@@ -109,17 +109,6 @@ def _reduce_scatter_sequence(x: torch.Tensor, tp: Group) -> torch.Tensor:
     return shard
 
 
-class _F(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, tp):
-        ctx.tp = tp
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _reduce(grad, ctx.tp), None
-
-
 class _FLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, tp, sequence_parallel):
@@ -159,80 +148,33 @@ class _FLinear(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, None, None
 
 
-class _G(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, tp):
-        return _reduce(x, tp)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
+def _unchanged(x: torch.Tensor, tp: Group) -> torch.Tensor:
+    return x
 
 
-class _FSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, tp):
+def _conjugate(name: str, forward, backward) -> type[torch.autograd.Function]:
+    """An autograd function that applies `forward(x, tp)` and, to the gradient, `backward(grad, tp)`."""
+
+    def apply_forward(ctx, x, tp):
         ctx.tp = tp
-        return _gather_sequence(x, tp)
+        return forward(x, tp)
 
-    @staticmethod
-    def backward(ctx, grad):
-        return _reduce_scatter_sequence(grad, ctx.tp), None
+    def apply_backward(ctx, grad):
+        return backward(grad, ctx.tp), None
 
-
-class _GSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, tp):
-        ctx.tp = tp
-        return _reduce_scatter_sequence(x, tp)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _gather_sequence(grad, ctx.tp), None
+    members = {"forward": staticmethod(apply_forward), "backward": staticmethod(apply_backward)}
+    return type(name, (torch.autograd.Function,), members)
 
 
-class _SplitSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, tp):
-        ctx.tp = tp
-        return _split_sequence(x, tp)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _gather_sequence(grad, ctx.tp), None
-
-
-class _GatherSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, tp):
-        ctx.tp = tp
-        return _gather_sequence(x, tp)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _split_sequence(grad, ctx.tp), None
-
-
-class _Split(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, tp):
-        ctx.tp = tp
-        return _split(x, tp)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _gather(grad, ctx.tp), None
-
-
-class _Gather(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, tp):
-        ctx.tp = tp
-        return _gather(x, tp)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _split(grad, ctx.tp), None
+# (forward, backward) of each operator: every one is its partner's conjugate
+_F = _conjugate("_F", _unchanged, _reduce)
+_G = _conjugate("_G", _reduce, _unchanged)
+_FSequence = _conjugate("_FSequence", _gather_sequence, _reduce_scatter_sequence)
+_GSequence = _conjugate("_GSequence", _reduce_scatter_sequence, _gather_sequence)
+_SplitSequence = _conjugate("_SplitSequence", _split_sequence, _gather_sequence)
+_GatherSequence = _conjugate("_GatherSequence", _gather_sequence, _split_sequence)
+_Split = _conjugate("_Split", _split, _gather)
+_Gather = _conjugate("_Gather", _gather, _split)
 
 
 def f(x: torch.Tensor, tp: Group) -> torch.Tensor:
