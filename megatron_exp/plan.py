@@ -105,11 +105,10 @@ def activation_bytes(cfg: Config, recompute: str, peak: bool = True, stage: int 
     return layers * layer_activation_bytes(cfg, recompute) + outside + (recomputed if peak else 0)
 
 
-def step_peak_bytes(cfg: Config, stage: int = 0) -> float:
-    """What a training step on a rank of `stage` holds at its peak beyond weights and Adam's state (the module
-    docstring lists the three candidates)."""
+def step_peak_bytes(cfg: Config, per_rank: int, stage: int = 0) -> float:
+    """What a training step on a rank of `stage` (holding `per_rank` parameters) holds at its peak beyond weights
+    and Adam's state (the module docstring lists the three candidates)."""
     b, s, h, _, tp = _sizes(cfg)
-    per_rank, _ = preflight.parameter_counts(cfg)
     mode, part = cfg.parallel.recompute, preflight.pipeline_layout(cfg).part(stage)
     # the distributed optimizer's flat gradient buffer lives for the whole run: it is resident, not transient
     grads = 0 if cfg.parallel.distributed_optimizer else per_rank * 4
@@ -187,7 +186,7 @@ def estimate(cfg: Config) -> dict:
     # the stage that needs the most (weights differ little between stages; activations and the head do)
     stage = max(range(par.pp), key=lambda s: activation_bytes(cfg, par.recompute, stage=s))
     activations = {mode: activation_bytes(cfg, mode, stage=stage) for mode in RECOMPUTE_MODES}
-    peak = resident + step_peak_bytes(cfg, stage)
+    peak = resident + step_peak_bytes(cfg, per_rank, stage)
     memory = cfg.hardware.memory_gb
     return {
         "parameters_total": total,
