@@ -47,7 +47,8 @@ class Model(Protocol):
 
     def forward(self, **inputs: torch.Tensor) -> Any:
         """The outputs that `loss_terms` takes (e.g. this rank's vocabulary slice of the logits). A model that
-        can be split into pipeline stages also takes `hidden` (the previous chunk's output) and `chunk`."""
+        can be split into pipeline stages also takes `hidden` (the previous chunk's output) and `chunk`, and
+        tells that output's shape with `hidden_shape(tokens)`."""
 
     def loss_terms(self, outputs: Any, **targets: torch.Tensor) -> dict[str, torch.Tensor]:
         """Scalar means over the micro-batch, the same on every TP rank; "loss" is what training minimizes."""

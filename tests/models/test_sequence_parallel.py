@@ -13,6 +13,7 @@ from megatron_exp.config import ModelConfig
 from megatron_exp.models import build_model
 from megatron_exp.models.bert import BERTMultipleChoice
 from megatron_exp.models.gpt import GPTModel
+from megatron_exp.models.transformer import TransformerLayer
 from megatron_exp.parallel import random, state
 from megatron_exp.parallel.sharding import is_sequence_parallel, merge_state_dicts, shard_specs
 from megatron_exp.training.grad_sync import GradientSync
@@ -138,3 +139,37 @@ def _check_dropout_on_shards():
 
 def test_dropout_on_sequence_shards_differs_per_rank_and_recomputes_the_same():
     run_on_ranks(2, _check_dropout_on_shards)
+
+
+def _saved_bytes(layer: torch.nn.Module, x: torch.Tensor) -> int:
+    """Bytes of the activations that one forward of `layer` keeps for backward (each storage once; the input and
+    the weights aside)."""
+    storages, ignored = {}, {t.untyped_storage().data_ptr() for t in (x, *layer.parameters())}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in ignored:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        layer(x).sum().backward()
+    return sum(storages.values())
+
+
+def _check_activation_memory():
+    """Korthikanti et al.'s point: TP alone leaves the layernorms', dropouts' and residual's activations replicated;
+    with SP every activation a layer keeps is 1/tp of the serial layer's."""
+    tp = state.current().tp
+    random.seed(0, tp.rank)
+    cfg = ModelConfig(hidden=64, heads=4, layers=1, seq_len=32, hidden_dropout=0.1, attention_dropout=0.1)
+    batch, seq = 2, 32
+    with state.use(state.SERIAL):
+        serial = _saved_bytes(TransformerLayer(cfg, state.SERIAL.tp), torch.randn(batch, seq, cfg.hidden))
+    plain = _saved_bytes(TransformerLayer(cfg, tp), torch.randn(batch, seq, cfg.hidden))
+    sharded = _saved_bytes(TransformerLayer(cfg, tp, sequence_parallel=True), torch.randn(batch, seq // 2, 64))
+    assert sharded == serial / tp.size < plain
+
+
+def test_sequence_parallelism_keeps_1_over_tp_of_each_layers_activations():
+    run_on_ranks(2, _check_activation_memory)

@@ -238,17 +238,20 @@ def test_pretrain_tiny_bert_then_fine_tune_on_race(tmp_path, shared_cache):
     race = tmp_path / "race"
     _learnable_race(race, {"train": 64, "dev": 32, "test": 32}, right=words[:4], wrong=words[4:])
     accuracy = {}
-    for lr in (1e-12, 3e-3):
-        finetuned = tmp_path / f"finetuned-lr{lr}"
+    for lr, sp in ((1e-12, False), (3e-3, True), (3e-3, False)):  # and with sequence parallelism
+        finetuned = tmp_path / f"finetuned-lr{lr}-sp{sp}"
         done = evaluate("race", finetuned, f"checkpoint={pretrained}", f"task.source={race}", "task.seq_len=64",
                         "task.max_qa_len=24", "task.epochs=5", f"optimizer.lr={lr}", "parallel.tp=2",
-                        "parallel.micro_batch=4", "parallel.global_batch=8", "log_interval=4")  # fmt: skip
+                        "parallel.micro_batch=4", "parallel.global_batch=8", "log_interval=4",
+                        f"parallel.sequence_parallel={sp}")  # fmt: skip
         assert done.returncode == 0, done.stdout + done.stderr
         results = json.loads((finetuned / "results.json").read_text())
         assert results["tp"] == 2 and results["epoch"] == 5 and results["test/questions"] == 32
         assert 0 <= results["test/accuracy_middle"] <= 1 and 0 <= results["test/accuracy_high"] <= 1
-        accuracy[lr] = results["dev/accuracy"], results["test/accuracy"]
-    assert min(accuracy[3e-3]) >= 0.75 and min(accuracy[3e-3]) > max(accuracy[1e-12]) + 0.2, accuracy  # chance: 0.25
+        accuracy[lr, sp] = results["dev/accuracy"], results["test/accuracy"]
+    for sp in (False, True):  # chance: 0.25
+        learned = min(accuracy[3e-3, sp])
+        assert learned >= 0.75 and learned > max(accuracy[1e-12, False]) + 0.2, accuracy
     assert len(list((finetuned / "wandb").glob("offline-run-*/run-*.wandb"))) == 1
     saved = checkpoint.resolve(finetuned)  # the last epoch's fine-tuned weights, one shard per TP rank
     assert checkpoint.read_meta(saved)["epoch"] == 5 and checkpoint.read_meta(saved)["tp"] == 2
