@@ -24,7 +24,7 @@ from megatron_exp.parallel.sharding import padded_vocab_size
 from megatron_exp.parallel.state import ProcessGrid
 from megatron_exp.training import checkpoint, flops
 from megatron_exp.training.loop import Cadence, Cost, TrainingLoop, reported
-from megatron_exp.training.schedule import MicroBatches
+from megatron_exp.training.schedule import MicroBatches, Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -151,20 +151,22 @@ def build(spec: RunSpec[Config], grid: ProcessGrid) -> TrainingLoop:
 
 def log_sample(spec: RunSpec[Config], model: torch.nn.Module, grid: ProcessGrid) -> None:
     """A GPT's greedy continuation of SAMPLE_PROMPT, through the generation code (KV cache, vocab-parallel
-    argmax), printed by rank 0. One DP replica computes it (they hold the same model); a pipeline does not."""
+    argmax; at pp > 1 through the stages), printed by rank 0. One DP replica computes it (they hold the same
+    model)."""
     cfg = spec.config
     if cfg.model.arch != "gpt" or grid.dp.rank != 0:
-        return
-    if grid.pp.size > 1:
-        if grid.rank == 0:
-            log.info("no greedy sample at parallel.pp>1: generate from a checkpoint (python -m megatron_exp.generate)")
         return
     tokenizer = Tokenizer.from_file(str(Path(spec.run_dir) / "tokenizer.json"))
     prompt = tokenizer.encode(SAMPLE_PROMPT).ids
     tokens, real = generation.pad([prompt])
     count = min(SAMPLE_TOKENS, cfg.model.seq_len - len(prompt))
     cast = autocast(cfg.hardware.precision, model.device)
-    (new,) = generation.generate(model, tokens, real, count, stop_token=tokenizer.token_to_id(EOD), autocast=cast)
+    pipeline = None
+    if grid.pp.size > 1:
+        layout = PipelineLayout(grid.pp.size, cfg.parallel.virtual_stages, cfg.model.layers)
+        pipeline = Pipeline(model, grid, layout, cfg.parallel.schedule, cast)
+    stop = tokenizer.token_to_id(EOD)
+    (new,) = generation.generate(model, tokens, real, count, stop_token=stop, autocast=cast, pipeline=pipeline)
     if grid.rank == 0:
         log.info("greedy sample: %r", SAMPLE_PROMPT + tokenizer.decode(new))
 
