@@ -136,9 +136,11 @@ def test_pp2_generates_what_pp1_generates_greedy_and_sampled():
     run_on_ranks(2, _check_pipelined_generation_equals_serial, 1, pp=2)
 
 
+@pytest.mark.slow
 def test_tp2_x_pp2_generates_what_pp1_generates():
     run_on_ranks(4, _check_pipelined_generation_equals_serial, 1, pp=2)
 
 
+@pytest.mark.slow
 def test_pp2_with_two_virtual_stages_each_generates_what_pp1_generates():
     run_on_ranks(2, _check_pipelined_generation_equals_serial, 2, pp=2)  # stage 0: chunks 0, 2; stage 1: 1, 3
