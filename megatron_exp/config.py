@@ -411,7 +411,7 @@ class LambadaEvalConfig(EvalConfig):
 
 @dataclass
 class GenerateConfig(Schema):
-    """python -m megatron_exp.generate: continue prompts with a GPT checkpoint, at any TP degree."""
+    """python -m megatron_exp.generate: continue prompts with a GPT checkpoint, at any TP x PP layout."""
 
     checkpoint: str = "???"  # a run directory (its newest checkpoint), checkpoint directory, or convert output
     tokenizer: str | None = None  # tokenizer.json; None: the run's own, or GPT-2's for a 50,257-entry vocabulary

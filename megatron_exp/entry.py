@@ -59,12 +59,11 @@ def unique_dir(name: str) -> str:
 
 def run_label(*, _root_: DictConfig) -> str:
     """What a run directory is named after: <model>_tp<k>[_pp<k>] for training, <job type>_<task> for the tasks,
-    generate_tp<k> for generation."""
-    if "model" in _root_:
+    generate_tp<k>[_pp<k>] for generation."""
+    if "model" in _root_ or "prompt" in _root_:
         pp = _root_.parallel.pp
-        return f"{_root_.model.name}_tp{_root_.parallel.tp}" + (f"_pp{pp}" if pp > 1 else "")
-    if "prompt" in _root_:
-        return f"generate_tp{_root_.parallel.tp}"
+        layout = f"tp{_root_.parallel.tp}" + (f"_pp{pp}" if pp > 1 else "")
+        return f"{_root_.model.name}_{layout}" if "model" in _root_ else f"generate_{layout}"
     return f"{_root_.logger.job_type}_{_root_.task.name}"
 
 

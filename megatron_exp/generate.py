@@ -1,8 +1,9 @@
 """`python -m megatron_exp.generate checkpoint=... prompt="..."`: continue prompts with a GPT checkpoint.
 
-The checkpoint loads at any TP degree (and from any pipeline layout, merged onto TP ranks); its tokenizer is the
-one kept with it, as for the evaluations. All prompts go through the model as one batch, left-padded; each TP
-worker keeps the KV cache of its heads and its vocabulary slice of the logits (megatron_exp/models/generation.py).
+The checkpoint loads at any TP x PP layout (whichever layout it was saved at); its tokenizer is the one kept with
+it, as for the evaluations. All prompts go through the model as one batch, left-padded; each TP worker keeps the
+KV cache of its heads and its vocabulary slice of the logits, and at pp > 1 each stage its layers and their cache,
+the last stage sampling the tokens that every stage feeds next (megatron_exp/models/generation.py).
 The texts are printed and written to results.json in the run directory.
 """
 
@@ -41,11 +42,6 @@ def prepare(composed: GenerateConfig, run_dir: str, joined: bool) -> RunSpec[Gen
     if cfg.top_p > 1:
         raise ConfigError(f"top_p={cfg.top_p} must be in (0, 1]: 1 keeps every token")
     directory, model = common.gpt_checkpoint(cfg, "it does not generate text: give a GPT checkpoint")
-    if cfg.parallel.pp != 1:
-        raise ConfigError(
-            f"parallel.pp={cfg.parallel.pp}: generation runs on TP ranks only (a checkpoint of any pipeline layout "
-            "loads, merged); use parallel.pp=1"
-        )
     cfg.parallel.dp = 1
     tokenizer = common.load_tokenizer(cfg, directory, model)
     texts = prompts_of(cfg)
@@ -64,20 +60,23 @@ def prepare(composed: GenerateConfig, run_dir: str, joined: bool) -> RunSpec[Gen
                 f"prompt {index + 1} is {len(ids)} tokens, longer than the model's {model.seq_len} positions - "
                 f"max_new_tokens={cfg.max_new_tokens} = {room}: shorten it or lower max_new_tokens"
             )
-    cfg.hardware = hardware.resolve(cfg.hardware, cfg.parallel.tp, measure_peak=False)
+    workers = cfg.parallel.tp * cfg.parallel.pp
+    cfg.hardware = hardware.resolve(cfg.hardware, workers, measure_peak=False)
     stop = tokenizer.token_to_id(EOD) if cfg.stop_at_eod else None
     inputs = {"checkpoint": str(directory), "texts": texts, "prompts": prompts, "stop": stop, "tokenizer": tokenizer}
-    return RunSpec(cfg, run_dir, cfg.parallel.tp, joined, None, inputs)
+    return RunSpec(cfg, run_dir, workers, joined, None, inputs)
 
 
 def generate_rank(spec: RunSpec[GenerateConfig], grid: state.ProcessGrid) -> dict:
-    """One TP rank: the model's shard, then the new tokens of every prompt (the same on every rank)."""
+    """One rank: its TP shard of its pipeline stage, then the new tokens of every prompt (the same on every
+    rank)."""
     cfg, inputs = spec.config, spec.inputs
-    model = common.load_model(Path(inputs["checkpoint"]), grid, device_of(cfg.hardware))
+    device = device_of(cfg.hardware)
+    autocast = hardware.autocast(cfg.hardware.precision, device)
+    model, pipeline = common.load_stage(Path(inputs["checkpoint"]), grid, device, cfg.parallel, autocast)
     sampling = Sampling(cfg.temperature, cfg.top_k, cfg.top_p, cfg.seed)
     tokens, real = generation.pad(inputs["prompts"], side="left")
-    autocast = hardware.autocast(cfg.hardware.precision, model.device)
-    new = generation.generate(model, tokens, real, cfg.max_new_tokens, sampling, inputs["stop"], autocast)
+    new = generation.generate(model, tokens, real, cfg.max_new_tokens, sampling, inputs["stop"], autocast, pipeline)
     return {"new_tokens": new}
 
 
@@ -94,6 +93,7 @@ def report(spec: RunSpec[GenerateConfig], result: dict) -> dict:
     return {
         "checkpoint": inputs["checkpoint"],
         "tp": cfg.parallel.tp,
+        "pp": cfg.parallel.pp,
         **{key: getattr(cfg, key) for key in settings},
         "samples": samples,
     }

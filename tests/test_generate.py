@@ -1,5 +1,5 @@
-"""`python -m megatron_exp.generate`: bad input refused before any worker, the command end to end at TP=2, and a
-converted transformers GPT-2 generating what transformers generates."""
+"""`python -m megatron_exp.generate`: bad input refused before any worker, the command end to end at TP=2 and at
+PP=2, and a converted transformers GPT-2 generating what transformers generates."""
 
 import json
 import os
@@ -53,6 +53,9 @@ def test_the_prompts_are_encoded_with_the_checkpoints_tokenizer(tmp_path, run_di
     tokenizer = common.load_tokenizer(spec.config, checkpoint.resolve(run_dir), CFG)
     assert spec.inputs["prompts"] == [tokenizer.encode(text).ids for text in PROMPTS]
     assert spec.workers == 2 and spec.config.parallel.dp == 1
+    pipelined = _prepare(tmp_path, checkpoint=str(run_dir), prompt="The", max_new_tokens=8,
+                         parallel=ParallelConfig(tp=2, pp=2))  # fmt: skip
+    assert pipelined.workers == 4
     assert spec.inputs["stop"] == tokenizer.token_to_id("<|endoftext|>")
     one = _prepare(tmp_path, checkpoint=str(run_dir), prompt=PROMPTS[0], max_new_tokens=8, stop_at_eod=False)
     assert one.inputs["texts"] == PROMPTS[:1] and one.inputs["stop"] is None
@@ -68,7 +71,7 @@ def test_bad_input_is_one_line_naming_the_key(tmp_path, run_dir):
         ({"max_new_tokens": 32}, r"^max_new_tokens=32 leaves no room for a prompt in the model's 32 positions"),
         ({"prompt": ""}, r"^prompt 1 is empty"),
         ({"prompt": []}, r"^prompt=\[\] holds no text"),
-        ({"parallel": ParallelConfig(pp=2)}, r"^parallel.pp=2: generation runs on TP ranks only"),
+        ({"parallel": ParallelConfig(pp=3)}, r"^model.layers=2 is not divisible by parallel.pp x parallel.virtual"),
         ({"parallel": ParallelConfig(tp=3)}, r"^model.heads=8 is not divisible by parallel.tp=3"),
         (
             {"parallel": ParallelConfig(tp=2, sequence_parallel=True)},
@@ -102,13 +105,15 @@ def test_a_missing_checkpoint_exits_2_with_one_line(tmp_path):
     assert len(errors) == 1 and "holds no complete checkpoint" in errors[0]
 
 
-def test_the_command_at_tp2_prints_and_saves_the_greedy_continuations(tmp_path, run_dir):
+@pytest.mark.parametrize("tp, pp", [(2, 1), pytest.param(1, 2, marks=pytest.mark.slow)])
+def test_the_command_prints_and_saves_the_greedy_continuations(tmp_path, run_dir, tp, pp):
     prompts = json.dumps(PROMPTS)
     done = _command(tmp_path / "out", f"checkpoint={run_dir}", f"prompt={prompts}", "max_new_tokens=10",
-                    "parallel.tp=2")  # fmt: skip
+                    f"parallel.tp={tp}", f"parallel.pp={pp}")  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     results = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert results["tp"] == 2 and results["temperature"] == 0.0 and len(results["samples"]) == 2
+    assert (results["tp"], results["pp"]) == (tp, pp) and results["temperature"] == 0.0
+    assert len(results["samples"]) == 2
 
     tokenizer = common.load_tokenizer(GenerateConfig(checkpoint=str(run_dir)), checkpoint.resolve(run_dir), CFG)
     model = common.load_model(checkpoint.resolve(run_dir), state.SERIAL, torch.device("cpu"))

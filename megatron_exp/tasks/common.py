@@ -79,7 +79,7 @@ def read_texts(task: TextTaskConfig) -> list[str]:
 
 def gpt_checkpoint(cfg: EvalConfig | GenerateConfig, refusal: str) -> tuple[Path, ModelConfig]:
     """The checkpoint directory `cfg.checkpoint` names and its model, which must be a GPT that runs at
-    `parallel.tp`; `refusal` ends the error for another architecture."""
+    `parallel.tp` x `parallel.pp` (and `virtual_stages`); `refusal` ends the error for another architecture."""
     if cfg.parallel.sequence_parallel:
         raise ConfigError(
             "parallel.sequence_parallel=true saves activation memory in training only; evaluation and generation "
@@ -90,6 +90,9 @@ def gpt_checkpoint(cfg: EvalConfig | GenerateConfig, refusal: str) -> tuple[Path
     if model.arch != "gpt":
         raise ConfigError(f"checkpoint={cfg.checkpoint} holds a {model.arch} model: {refusal}")
     model.validate(cfg.parallel.tp)
+    problem = PipelineLayout(cfg.parallel.pp, cfg.parallel.virtual_stages, model.layers).split_problem()
+    if problem:
+        raise ConfigError(problem)
     return directory, model
 
 
@@ -103,9 +106,6 @@ def prepare(composed: EvalConfig, run_dir: str, joined: bool, build_inputs: Call
         "zero-shot language modelling needs a GPT (BERT checkpoints are fine-tuned with python -m "
         "megatron_exp.tasks.race)",
     )
-    problem = PipelineLayout(cfg.parallel.pp, cfg.parallel.virtual_stages, model.layers).split_problem()
-    if problem:
-        raise ConfigError(problem)
     cfg.parallel.dp = 1
     if cfg.task.seq_len is None:
         cfg.task.seq_len = model.seq_len
@@ -154,12 +154,20 @@ def token_scores(
     directory: Path, grid: state.ProcessGrid, device: torch.device, parallel: ParallelConfig, autocast: Callable
 ) -> TokenScores:
     """The checkpoint's model at this rank's place in the TP x PP grid (any layout it was saved at), as scores."""
-    model = load_model(directory, grid, device, parallel.virtual_stages)
-    pipeline = None
-    if grid.pp.size > 1:
-        layout = PipelineLayout(grid.pp.size, parallel.virtual_stages, model.cfg.layers)
-        pipeline = Pipeline(model, grid, layout, parallel.schedule, autocast)
+    model, pipeline = load_stage(directory, grid, device, parallel, autocast)
     return TokenScores(model, autocast, pipeline)
+
+
+def load_stage(
+    directory: Path, grid: state.ProcessGrid, device: torch.device, parallel: ParallelConfig, autocast: Callable
+) -> tuple[GPTModel, Pipeline | None]:
+    """The checkpoint's model at this rank's place in the TP x PP grid (any layout it was saved at), and at
+    pp > 1 the pipeline that runs its stage's forward passes."""
+    model = load_model(directory, grid, device, parallel.virtual_stages)
+    if grid.pp.size == 1:
+        return model, None
+    layout = PipelineLayout(grid.pp.size, parallel.virtual_stages, model.cfg.layers)
+    return model, Pipeline(model, grid, layout, parallel.schedule, autocast)
 
 
 def evaluate_rank(evaluate: Callable, spec: RunSpec[EvalConfig], grid: state.ProcessGrid) -> dict:

@@ -96,14 +96,16 @@ class Pipeline:
         dist.irecv(buffer, group=group, group_src=self.layout.stage_of(chunk)).wait()
         return buffer
 
-    def _forward(self, action: Action, batch: Batch) -> tuple[torch.Tensor | None, object]:
-        """(the chunk's input activation or None, its output)."""
+    def _forward(
+        self, action: Action, batch: Batch, forward: Callable | None = None
+    ) -> tuple[torch.Tensor | None, object]:
+        """(the chunk's input activation or None, its output): `forward` (default: the model's) of the chunk."""
         hidden = None
         if action.chunk > 0:
             hidden = self._receive(self.model.hidden_shape(batch.inputs["tokens"]), action.chunk - 1, forward=True)
             hidden.requires_grad_(torch.is_grad_enabled())
         with self.autocast():
-            output = self.model(**batch.inputs, hidden=hidden, chunk=action.chunk)
+            output = (forward or self.model)(**batch.inputs, hidden=hidden, chunk=action.chunk)
         if action.chunk < self.last:
             self._send(output.detach(), action.chunk + 1, forward=True)
         return hidden, output
@@ -157,12 +159,13 @@ class Pipeline:
         return self._or_zeros(sums)
 
     @torch.no_grad()
-    def outputs(self, batch: Batch) -> object | None:
+    def outputs(self, batch: Batch, forward: Callable | None = None) -> object | None:
         """One batch forward through the pipeline: the last chunk's output (e.g. the logits) on the last stage,
-        None on the others. For evaluations that need more than the loss terms."""
+        None on the others. For evaluations that need more than the loss terms, and generation, whose `forward`
+        (taking the batch's inputs, `hidden` and `chunk`, like the model's) stops at the final hidden states."""
         last_output = None
         for action in forward_only(self.layout, 1, self.stage):
-            _, output = self._forward(action, batch.to(self.model.device))
+            _, output = self._forward(action, batch.to(self.model.device), forward)
             if action.chunk == self.last:
                 last_output = output
         self._finish_sends()

@@ -25,7 +25,7 @@ from megatron_exp.parallel.sharding import padded_vocab_size
 from megatron_exp.parallel.state import ProcessGrid
 from megatron_exp.training import checkpoint, flops
 from megatron_exp.training.loop import Cadence, Cost, TrainingLoop, reported
-from megatron_exp.training.schedule import MicroBatches
+from megatron_exp.training.schedule import MicroBatches, Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -156,15 +156,16 @@ def build(spec: RunSpec[Config], grid: ProcessGrid) -> TrainingLoop:
 
 def log_sample(spec: RunSpec[Config], model: torch.nn.Module, grid: ProcessGrid) -> None:
     """A GPT's sampled continuation of SAMPLE_PROMPT (seeded by train.seed, so a rerun prints the same text),
-    through the generation code (KV cache, vocab-parallel sampling), printed by rank 0. One DP replica computes it
-    (they hold the same model); a pipeline does not."""
+    through the generation code (KV cache, vocab-parallel sampling; at pp > 1 through the stages), printed by rank 0.
+    One DP replica computes it (they hold the same model)."""
     cfg = spec.config
     if cfg.model.arch != "gpt" or grid.dp.rank != 0:
         return
-    if grid.pp.size > 1 or model.sequence_parallel:
+    if model.sequence_parallel:
         if grid.rank == 0:
-            setting = "parallel.pp>1" if grid.pp.size > 1 else "parallel.sequence_parallel=true"
-            log.info("no sample at %s: generate from a checkpoint (python -m megatron_exp.generate)", setting)
+            log.info(
+                "no sample at parallel.sequence_parallel=true: generate from a checkpoint (python -m megatron_exp.generate)"
+            )
         return
     tokenizer = Tokenizer.from_file(str(Path(spec.run_dir) / "tokenizer.json"))
     prompt = tokenizer.encode(SAMPLE_PROMPT).ids
@@ -172,8 +173,14 @@ def log_sample(spec: RunSpec[Config], model: torch.nn.Module, grid: ProcessGrid)
     count = min(SAMPLE_TOKENS, cfg.model.seq_len - len(prompt))
     cast = autocast(cfg.hardware.precision, model.device)
     sampling = Sampling(SAMPLE_TEMPERATURE, SAMPLE_TOP_K, SAMPLE_TOP_P, cfg.train.seed)
+    pipeline = None
+    if grid.pp.size > 1:
+        layout = PipelineLayout(grid.pp.size, cfg.parallel.virtual_stages, cfg.model.layers)
+        pipeline = Pipeline(model, grid, layout, cfg.parallel.schedule, cast)
     stop = tokenizer.token_to_id(EOD)
-    (new,) = generation.generate(model, tokens, real, count, sampling, stop_token=stop, autocast=cast)
+    (new,) = generation.generate(
+        model, tokens, real, count, sampling, stop_token=stop, autocast=cast, pipeline=pipeline
+    )
     if grid.rank == 0:
         settings = f"temperature {sampling.temperature}, top-k {sampling.top_k}, top-p {sampling.top_p}"
         log.info("sample (%s, seed %d): %r", settings, sampling.seed, SAMPLE_PROMPT + tokenizer.decode(new))

@@ -1,16 +1,22 @@
-"""Generation through the KV cache: the tokens of a full forward per step, whatever the padding or the TP degree;
-sampling reproducible from its seed."""
+"""Generation through the KV cache: the tokens of a full forward per step, whatever the padding, the TP degree or
+the pipeline layout; sampling reproducible from its seed, and the same at every layout."""
+
+import functools
+from contextlib import nullcontext
 
 import pytest
 import torch
 
 from megatron_exp.config import ModelConfig
+from megatron_exp.models.contract import Batch
 from megatron_exp.models.generation import generate, pad
 from megatron_exp.models.gpt import GPTModel
 from megatron_exp.models.kv_cache import KVCache
 from megatron_exp.parallel import state
 from megatron_exp.parallel.cross_entropy import vocab_parallel_argmax
+from megatron_exp.parallel.pipeline import PipelineLayout
 from megatron_exp.parallel.sampling import Sampling
+from megatron_exp.training.schedule import Pipeline
 from tests.distributed import run_on_ranks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -100,3 +106,41 @@ def _check_tp_generation_equals_serial():
 
 def test_tp2_generates_what_tp1_generates_with_half_the_heads_cached_per_rank():
     run_on_ranks(2, _check_tp_generation_equals_serial)
+
+
+def _check_pipelined_generation_equals_serial(virtual: int):
+    torch.set_default_dtype(torch.float64)
+    cfg = ModelConfig(hidden=32, heads=4, layers=4, vocab_size=300, seq_len=32, init_std=1.0)
+    with state.use(state.SERIAL):
+        serial = GPTModel(cfg, seed=1)
+    grid = state.current()
+    layout = PipelineLayout(grid.pp.size, virtual, cfg.layers)
+    model = GPTModel(cfg, seed=1, part=layout.part(grid.pp.rank))  # this rank's shard of its stage
+    pipeline = Pipeline(model, grid, layout, "interleaved" if virtual > 1 else "1f1b", nullcontext)
+    tokens, real = pad(PROMPTS)
+    for sampling in (Sampling(), SAMPLED):
+        expected = generate(serial, tokens, real, 20, sampling)
+        assert all(len(set(row)) > 3 for row in expected)  # a continuation that varies
+        assert generate(model, tokens, real, 20, sampling, pipeline=pipeline) == expected
+    stop = expected[0][4]  # a row ends early, the others go on, on every stage alike
+    stopped = generate(model, tokens, real, 20, SAMPLED, stop, pipeline=pipeline)
+    assert stopped == generate(serial, tokens, real, 20, SAMPLED, stop) and len(stopped[0]) < 20
+
+    cache = KVCache(len(PROMPTS), tokens.shape[1], model.device)  # the cache of this stage's layers only
+    cache.append(real)
+    pipeline.outputs(Batch({"tokens": tokens}, {}), functools.partial(model.eval().encode, cache=cache))
+    assert len(cache.layers) == len(model.part.layers) == cfg.layers // grid.pp.size
+
+
+def test_pp2_generates_what_pp1_generates_greedy_and_sampled():
+    run_on_ranks(2, _check_pipelined_generation_equals_serial, 1, pp=2)
+
+
+@pytest.mark.slow
+def test_tp2_x_pp2_generates_what_pp1_generates():
+    run_on_ranks(4, _check_pipelined_generation_equals_serial, 1, pp=2)
+
+
+@pytest.mark.slow
+def test_pp2_with_two_virtual_stages_each_generates_what_pp1_generates():
+    run_on_ranks(2, _check_pipelined_generation_equals_serial, 2, pp=2)  # stage 0: chunks 0, 2; stage 1: 1, 3

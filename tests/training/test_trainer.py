@@ -13,11 +13,13 @@ from megatron_exp.data import token_store
 from megatron_exp.data.tokenizer import train_bpe
 from megatron_exp.models import build_model
 from megatron_exp.parallel import state
+from megatron_exp.parallel.pipeline import PipelineLayout
 from megatron_exp.training import flops, loop, trainer
 from megatron_exp.training.loop import TrainingDiverged, TrainingLoop
 from megatron_exp.training.metrics import wandb_settings
 from megatron_exp.training.optim import DynamicLossScaler
 from tests.conftest import compose_config, training_spec
+from tests.distributed import run_on_ranks
 
 
 def _trainer(tmp_path, cache: str, *overrides: str) -> TrainingLoop:
@@ -133,3 +135,28 @@ def test_a_gpt_run_ends_with_a_seeded_sample_and_a_bert_run_without(tmp_path, ca
     first, again = [r.getMessage() for r in caplog.records if r.getMessage().startswith("sample (")]  # GPT's only
     head = "sample (temperature 0.7, top-k 40, top-p 0.9, seed 1234): 'In the beginning"
     assert first.startswith(head) and len(first) > len(head) + 1 and again == first, first
+
+
+def _check_pipelined_sample_is_the_serial_one(spec):
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    trainer.log.addHandler(handler)
+    trainer.log.setLevel(logging.INFO)
+    layout = PipelineLayout(spec.config.parallel.pp, 1, spec.config.model.layers)
+    grid = state.current()
+    trainer.log_sample(spec, build_model(spec.config.model, part=layout.part(grid.pp.rank)), grid)
+    if grid.rank == 0:  # rank 0 prints the sample; the same model on one process prints the same
+        with state.use(state.SERIAL):
+            trainer.log_sample(spec, build_model(spec.config.model), state.SERIAL)
+        pipelined, serial = messages
+        assert pipelined == serial and serial.startswith("sample (") and len(serial) > 80
+    else:
+        assert not messages
+
+
+def test_a_pipelined_gpt_run_ends_with_the_sample_of_its_model(tmp_path, one_thread):
+    train_bpe(["The cat sat on the mat. The dog sat on the log."] * 20, 300).save(str(tmp_path / "tokenizer.json"))
+    overrides = ["model=gpt_tiny", "model.vocab_size=300", "model.init_std=1.0", "parallel.pp=2"]
+    cfg = preflight.resolve(compose_config(overrides), measure_peak=False)
+    run_on_ranks(2, _check_pipelined_sample_is_the_serial_one, training_spec(cfg, tmp_path), pp=2)
