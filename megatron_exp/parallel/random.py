@@ -5,8 +5,7 @@ generator is seeded identically on all TP ranks. Inside a TP region (attention p
 each rank holds different data and must draw an independent mask: that uses a second stream, seeded per TP
 rank, swapped in with `tp_region()`. Sequence parallelism's shards (the residual stream split along the sequence)
 are such data too, so their dropouts draw from the same stream. Recomputing a layer (or its attention core) in
-backward restores both
-streams as they were in forward, so recomputed masks equal the original ones.
+backward restores both streams as they were in forward, so recomputed masks equal the original ones.
 """
 
 from __future__ import annotations

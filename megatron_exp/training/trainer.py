@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 # greedy: a small model's greedy text loops on its most likely phrase ("the king of the king of ...").
 SAMPLE_PROMPT, SAMPLE_TOKENS = "In the beginning", 32
 SAMPLE_TEMPERATURE, SAMPLE_TOP_K, SAMPLE_TOP_P = 0.7, 40, 0.9
+GENERATE_COMMAND = "python -m megatron_exp.generate"
 
 
 def load_samples(cfg: Config) -> dict[str, GPTSamples | BERTSamples]:
@@ -163,9 +164,7 @@ def log_sample(spec: RunSpec[Config], model: torch.nn.Module, grid: ProcessGrid)
         return
     if model.sequence_parallel:
         if grid.rank == 0:
-            log.info(
-                "no sample at parallel.sequence_parallel=true: generate from a checkpoint (python -m megatron_exp.generate)"
-            )
+            log.info("no sample at parallel.sequence_parallel=true: generate from a checkpoint (%s)", GENERATE_COMMAND)
         return
     tokenizer = Tokenizer.from_file(str(Path(spec.run_dir) / "tokenizer.json"))
     prompt = tokenizer.encode(SAMPLE_PROMPT).ids
