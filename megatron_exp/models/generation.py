@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -21,7 +22,16 @@ from megatron_exp.models.contract import Batch
 from megatron_exp.models.gpt import GPTModel
 from megatron_exp.models.kv_cache import KVCache
 from megatron_exp.parallel.sampling import GREEDY, Sampler, Sampling
-from megatron_exp.training.schedule import Pipeline
+from megatron_exp.parallel.state import ProcessGrid
+
+
+class StagedForward(Protocol):
+    """What decoding needs of a pipeline (training.schedule.Pipeline is one; models/ does not import training/):
+    its grid, and one batch forward through the stages giving the last chunk's output there, None elsewhere."""
+
+    grid: ProcessGrid
+
+    def outputs(self, batch: Batch, forward: Callable | None = None) -> object | None: ...
 
 
 def pad(prompts: list[list[int]], side: str = "left", pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,7 +56,7 @@ def generate(
     sampling: Sampling = GREEDY,
     stop_token: int | None = None,
     autocast: Callable[[], AbstractContextManager] = nullcontext,
-    pipeline: Pipeline | None = None,
+    pipeline: StagedForward | None = None,
 ) -> list[list[int]]:
     """The new tokens of every row of `tokens` [batch, prompt] (its tokens where `real` is True, padding on
     either side, or both), up to `max_new_tokens` or until `stop_token`, which ends a row and is not returned.
