@@ -298,6 +298,7 @@ class TrainConfig(Schema):
     log_interval: int = checked(10, **POSITIVE)
     eval_interval: int = checked(50, **NON_NEGATIVE)  # 0: only the final evaluation
     eval_iters: int = checked(15, **POSITIVE)  # batches per validation (read from the split's start)
+    test_iters: int | None = checked(None, **POSITIVE)  # batches of the final test evaluation; None: the whole split
     seed: int = checked(1234, **NON_NEGATIVE)
     # torch.compile each transformer layer: fused elementwise kernels on GPU; needs a C++ compiler on CPU, where
     # benchmarks/cpu_training.py shows no consistent gain (off by default)

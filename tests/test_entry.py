@@ -78,7 +78,8 @@ def test_a_run_directory_is_claimed_atomically(tmp_path):
 @pytest.mark.slow
 def test_two_runs_started_together_get_their_own_directories_metrics_and_wandb_ids(tmp_path):
     quick = ["model=gpt_tiny", "data.seq_len=32", "parallel.micro_batch=2", "train.iterations=2", "train.eval_iters=1",
-             "train.log_interval=1", f"data.cache_dir={tmp_path / 'cache'}", "logger.mode=offline"]  # fmt: skip
+             "train.test_iters=1", "train.log_interval=1",
+             f"data.cache_dir={tmp_path / 'cache'}", "logger.mode=offline"]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled"}
     command = [sys.executable, "-m", "megatron_exp.train", *quick]
     jobs = [subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

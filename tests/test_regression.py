@@ -25,7 +25,8 @@ from tests.test_train import records, train
 
 RECORDED = Path(__file__).with_name("regression_losses.json")
 PINNED_DATA = ["data=python_docs", "data.source=builtin:python_docs"]  # the recorded corpus, whatever the default
-COMMON = [*PINNED_DATA, "train.log_interval=1", "train.eval_interval=3", "train.eval_iters=2", "logger.wandb=false"]
+COMMON = [*PINNED_DATA, "train.log_interval=1", "train.eval_interval=3", "train.eval_iters=2", "train.test_iters=1"]
+COMMON += ["logger.wandb=false"]
 GPT = ["model=gpt_tiny", "data.seq_len=32", "parallel.tp=2", "parallel.micro_batch=2", "parallel.global_batch=4"]
 BERT = ["model=bert_tiny", "data.seq_len=64", "model.seq_len=64", "parallel.micro_batch=4", "optimizer.lr=2e-3"]
 

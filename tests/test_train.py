@@ -26,6 +26,7 @@ TINY = [
     "train.log_interval=1",
     "train.eval_interval=20",
     "train.eval_iters=4",
+    "train.test_iters=2",
 ]
 
 
@@ -255,7 +256,7 @@ def test_bert_resume_continues_exactly(tmp_path, shared_cache):
     run_dir = tmp_path / "bert"
     overrides = ["model=bert_tiny", "data.seq_len=64", "model.seq_len=64", "parallel.micro_batch=4",
                  "train.iterations=8", "train.log_interval=1", "train.eval_interval=0", "train.eval_iters=1",
-                 "checkpoint.interval=4", "checkpoint.keep=0", "logger.wandb=false"]  # fmt: skip
+                 "train.test_iters=1", "checkpoint.interval=4", "checkpoint.keep=0", "logger.wandb=false"]  # fmt: skip
     done = train(run_dir, *overrides, cache=shared_cache)
     assert done.returncode == 0, done.stdout + done.stderr
     original = {r["iteration"]: r["train/loss"] for r in records(run_dir) if "train/loss" in r}

@@ -112,10 +112,12 @@ class Pretraining:
 
     def evaluate(self, iteration: int, final: bool, schedule: MicroBatches) -> dict[str, float]:
         """Mean loss terms of `eval_iters` validation batches (read from the split's start), and after the last
-        iteration of the whole test split too; with their perplexity."""
-        splits = {"valid": self.cfg.train.eval_iters}
+        iteration of the test split too (its first `test_iters` batches, or all); with their perplexity."""
+        train = self.cfg.train
+        splits = {"valid": train.eval_iters}
         if final:
-            splits["test"] = max(1, len(self.splits["test"]) // self.cfg.parallel.global_batch)
+            whole = max(1, len(self.splits["test"]) // self.cfg.parallel.global_batch)
+            splits["test"] = min(whole, train.test_iters or whole)
         record = {}
         for split, count in splits.items():
             sums = schedule.evaluate([b for i in range(count) for b in self._batches(split, i)])

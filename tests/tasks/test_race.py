@@ -214,6 +214,7 @@ BERT_TINY = [
     "train.log_interval=5",
     "train.eval_interval=0",
     "train.eval_iters=2",
+    "train.test_iters=1",
     "optimizer.lr=2e-3",
     "optimizer.warmup_iters=5",
 ]
@@ -287,6 +288,7 @@ def test_post_ln_and_pre_ln_bert_both_train_and_differ(tmp_path, shared_cache):
 def test_race_refuses_a_gpt_checkpoint(tmp_path, shared_cache):
     gpt = tmp_path / "gpt"
     done = train(gpt, "model=gpt_tiny", "data.seq_len=32", "train.iterations=1", "train.eval_iters=1",
+                 "train.test_iters=1",
                  "parallel.micro_batch=2", "logger.wandb=false", cache=shared_cache)  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     done = evaluate("race", tmp_path / "race", f"checkpoint={gpt}", f"task.source={tmp_path}")

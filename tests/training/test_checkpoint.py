@@ -5,6 +5,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import asdict
 
@@ -35,6 +36,7 @@ def make_config(cache, *overrides):
             "train.log_interval=1",
             "train.eval_interval=0",
             "train.eval_iters=1",
+            "train.test_iters=1",
             "checkpoint.interval=3",
             "logger.wandb=false",
             f"data.cache_dir={cache}",
@@ -51,15 +53,19 @@ def build(cfg, run_dir):
     return trainer.build(training_spec(cfg, run_dir), state.current())
 
 
-def train_losses(cfg, run_dir) -> dict[int, float]:
-    build(cfg, run_dir).run()
+def logged_losses(run_dir) -> dict[int, float]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return {r["iteration"]: r["train/loss"] for r in map(json.loads, lines) if "train/loss" in r}
 
 
-def test_a_resumed_run_equals_an_uninterrupted_one_bitwise(tmp_path, shared_cache):
+def train_losses(cfg, run_dir) -> dict[int, float]:
+    build(cfg, run_dir).run()
+    return logged_losses(run_dir)
+
+
+def test_a_resumed_run_equals_an_uninterrupted_one_bitwise(tmp_path, shared_cache, trained_run):
     # Dropout on, so the restored RNG streams matter as much as the weights and Adam's moments.
-    uninterrupted = train_losses(make_config(shared_cache), tmp_path / "a")
+    uninterrupted = logged_losses(trained_run)  # the config below, trained to 6 without a stop
     train_losses(make_config(shared_cache, "train.iterations=3"), tmp_path / "b")
     resumed = make_config(shared_cache)
     resumed.resume = str(checkpoint.find_latest(tmp_path / "b"))
@@ -85,14 +91,22 @@ def test_a_pipeline_resumes_bitwise(tmp_path, shared_cache):
     assert checkpoint.layout_of(meta) == (1, 2, 1) and meta["world_size"] == 2
 
 
-def _saved_run(tmp_path, cache):
-    cfg = make_config(cache)
-    build(cfg, tmp_path).run()
-    return cfg, checkpoint.checkpoints_root(tmp_path)
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, shared_cache):
+    """One 6-iteration run with checkpoints at 3 and 6, trained once for the tests that break a copy of it."""
+    run_dir = tmp_path_factory.mktemp("trained")
+    build(make_config(shared_cache), run_dir).run()
+    return run_dir
 
 
-def test_saves_keep_the_newest_k_and_point_latest_at_the_last(tmp_path, shared_cache):
-    _, root = _saved_run(tmp_path, shared_cache)
+def _saved_run(tmp_path, cache, trained_run):
+    """A copy of `trained_run` in `tmp_path`, with its config and checkpoints directory."""
+    shutil.copytree(trained_run, tmp_path, dirs_exist_ok=True)
+    return make_config(cache), checkpoint.checkpoints_root(tmp_path)
+
+
+def test_saves_keep_the_newest_k_and_point_latest_at_the_last(tmp_path, shared_cache, trained_run):
+    _, root = _saved_run(tmp_path, shared_cache, trained_run)
     assert [d.name for d in checkpoint.complete_checkpoints(root)] == ["iter_0000003", "iter_0000006"]
     assert (root / "latest").read_text() == "iter_0000006"
     meta = checkpoint.read_meta(root / "iter_0000006")
@@ -101,8 +115,10 @@ def test_saves_keep_the_newest_k_and_point_latest_at_the_last(tmp_path, shared_c
     assert set(saved) == {"iteration", "model", "optimizer", "loss_scaler", "rng"}
 
 
-def test_a_crash_in_the_middle_of_a_save_leaves_the_previous_checkpoint(tmp_path, shared_cache, monkeypatch, caplog):
-    _, root = _saved_run(tmp_path, shared_cache)
+def test_a_crash_in_the_middle_of_a_save_leaves_the_previous_checkpoint(
+    tmp_path, shared_cache, trained_run, monkeypatch, caplog
+):
+    _, root = _saved_run(tmp_path, shared_cache, trained_run)
 
     def crash(src, dst):
         raise KeyboardInterrupt  # killed after the shards were written, before the rename
@@ -118,16 +134,16 @@ def test_a_crash_in_the_middle_of_a_save_leaves_the_previous_checkpoint(tmp_path
     assert checkpoint.load_rank(latest, 0)["iteration"] == 6
 
 
-def test_latest_naming_an_incomplete_checkpoint_falls_back(tmp_path, shared_cache, caplog):
-    _, root = _saved_run(tmp_path, shared_cache)
+def test_latest_naming_an_incomplete_checkpoint_falls_back(tmp_path, shared_cache, trained_run, caplog):
+    _, root = _saved_run(tmp_path, shared_cache, trained_run)
     os.remove(root / "iter_0000006" / "rank_00000.pt")
     with caplog.at_level(logging.WARNING):
         assert checkpoint.find_latest(tmp_path) == root / "iter_0000003"
     assert "which is incomplete" in caplog.text
 
 
-def test_a_corrupt_shard_is_an_error_naming_the_file(tmp_path, shared_cache):
-    cfg, root = _saved_run(tmp_path, shared_cache)
+def test_a_corrupt_shard_is_an_error_naming_the_file(tmp_path, shared_cache, trained_run):
+    cfg, root = _saved_run(tmp_path, shared_cache, trained_run)
     shard = root / "iter_0000006" / "rank_00000.pt"
     shard.write_bytes(shard.read_bytes()[:1000])
     cfg.resume = str(root / "iter_0000006")
@@ -135,8 +151,8 @@ def test_a_corrupt_shard_is_an_error_naming_the_file(tmp_path, shared_cache):
         build(cfg, tmp_path)
 
 
-def test_a_checkpoint_of_another_shape_is_an_error_naming_the_file(tmp_path, shared_cache):
-    _, root = _saved_run(tmp_path, shared_cache)
+def test_a_checkpoint_of_another_shape_is_an_error_naming_the_file(tmp_path, shared_cache, trained_run):
+    _, root = _saved_run(tmp_path, shared_cache, trained_run)
     other = make_config(shared_cache, "model.hidden=128")
     other.resume = str(root / "iter_0000006")
     with pytest.raises(CheckpointError, match=r"rank_00000.pt: its model does not fit this run .*size mismatch"):
@@ -165,16 +181,16 @@ def test_init_from_loads_weights_saved_at_another_tp_degree(tmp_path, shared_cac
         _resolve_init_from(other)
 
 
-def test_naming_a_checkpoint_with_a_missing_shard_is_an_error_naming_the_file(tmp_path, shared_cache):
-    cfg, root = _saved_run(tmp_path, shared_cache)
+def test_naming_a_checkpoint_with_a_missing_shard_is_an_error_naming_the_file(tmp_path, shared_cache, trained_run):
+    cfg, root = _saved_run(tmp_path, shared_cache, trained_run)
     os.remove(root / "iter_0000006" / "rank_00000.pt")
     cfg.resume = str(root / "iter_0000006")
     with pytest.raises(ConfigError, match=r"resume=.*iter_0000006: .*rank_00000.pt is missing: the checkpoint"):
         _resolve_resume(cfg, str(tmp_path / "new"))
 
 
-def test_an_unreadable_meta_json_is_one_line_for_resume_and_init_from(tmp_path, shared_cache):
-    cfg, root = _saved_run(tmp_path, shared_cache)
+def test_an_unreadable_meta_json_is_one_line_for_resume_and_init_from(tmp_path, shared_cache, trained_run):
+    cfg, root = _saved_run(tmp_path, shared_cache, trained_run)
     (root / "iter_0000006" / "meta.json").write_text('{"iteration": 6, "world')
     cfg.resume = str(root / "iter_0000006")
     with pytest.raises(ConfigError, match=r"^resume=.*meta.json cannot be read \(JSONDecodeError") as failure:
@@ -186,8 +202,10 @@ def test_an_unreadable_meta_json_is_one_line_for_resume_and_init_from(tmp_path, 
     assert checkpoint.find_latest(tmp_path) == root / "iter_0000003"  # a run's newest readable one is still found
 
 
-def test_a_full_disk_is_named_as_such_and_the_previous_checkpoint_is_kept(tmp_path, shared_cache, monkeypatch):
-    _, root = _saved_run(tmp_path, shared_cache)
+def test_a_full_disk_is_named_as_such_and_the_previous_checkpoint_is_kept(
+    tmp_path, shared_cache, trained_run, monkeypatch
+):
+    _, root = _saved_run(tmp_path, shared_cache, trained_run)
 
     class FullDisk(io.RawIOBase):
         def writable(self):
@@ -203,8 +221,8 @@ def test_a_full_disk_is_named_as_such_and_the_previous_checkpoint_is_kept(tmp_pa
     assert checkpoint.find_latest(tmp_path) == root / "iter_0000006"
 
 
-def test_resuming_a_finished_run_says_how_to_continue(tmp_path, shared_cache):
-    cfg, root = _saved_run(tmp_path, shared_cache)  # trained to train.iterations=6
+def test_resuming_a_finished_run_says_how_to_continue(tmp_path, shared_cache, trained_run):
+    cfg, root = _saved_run(tmp_path, shared_cache, trained_run)  # trained to train.iterations=6
     cfg.resume = str(tmp_path)
     with pytest.raises(ConfigError, match=r"is at iteration 6, already train.iterations=6: .*raise train.iterations"):
         _resolve_resume(cfg, str(tmp_path / "new"))

@@ -34,6 +34,7 @@ def _trainer(tmp_path, cache: str, *overrides: str) -> TrainingLoop:
             "train.log_interval=1",
             "train.eval_interval=0",
             "train.eval_iters=2",
+            "train.test_iters=2",
             "logger.wandb=false",
             f"data.cache_dir={cache}",
             *overrides,
