@@ -112,9 +112,6 @@ def main() -> None:
     for micro, recompute, compiled in itertools.product(
         [int(m) for m in args.micro_batches.split(",")], modes, choices[args.compile]
     ):
-        if compiled and recompute == "selective":  # refused by preflight: dynamo cannot trace the RNG replay yet
-            rows.append({"micro_batch": micro, "recompute": recompute, "compile": compiled, "error": "unsupported"})
-            continue
         torch._dynamo.reset()  # each row compiles afresh; no cache of the previous model stays alive
         try:
             seconds, memory = measure(cfg, device, micro, recompute, compiled, args.precision, args.steps)

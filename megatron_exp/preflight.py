@@ -109,11 +109,6 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     problem = sequence_parallel_problem(par, cfg.data.seq_len, "data.seq_len")
     if problem:
         raise ConfigError(problem)
-    if cfg.train.compile and par.recompute == "selective":  # dynamo cannot trace the replayed RNG state yet
-        raise ConfigError(
-            "parallel.recompute=selective does not work with train.compile=true yet: "
-            "set parallel.recompute=full or none, or train.compile=false"
-        )
     if hw.precision not in ("fp32", "bf16", "fp16"):
         raise ConfigError(f"hardware.precision={hw.precision} is unknown: fp32, bf16 or fp16")
 

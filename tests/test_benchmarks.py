@@ -43,9 +43,7 @@ def test_gpu_benchmark_runs_on_cpu_with_a_tiny_model(tmp_path):
     results = json.loads(out.read_text())
     combinations = [(r["recompute"], r["compile"]) for r in results["rows"]]
     assert combinations == [(mode, compiled) for mode in ("none", "selective", "full") for compiled in (False, True)]
-    measured = [r for r in results["rows"] if "error" not in r]
-    assert [r["error"] for r in results["rows"] if "error" in r] == ["unsupported"]  # selective with compile
-    assert len(measured) == 5 and all(r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 for r in measured)
+    assert all("error" not in r and r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 for r in results["rows"])
     assert "| micro batch | recompute | compile |" in done.stdout
 
 

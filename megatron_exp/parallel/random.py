@@ -121,10 +121,13 @@ def _restore_tp_region_on_recompute():
     return nullcontext(), recompute()
 
 
+@torch.compiler.disable
 def checkpoint(function, *args):
     """Run `function(*args)` without keeping its activations; backward recomputes it with the same dropout masks.
 
-    torch restores the replicated stream (preserve_rng_state); the context restores the TP-region stream.
+    torch restores the replicated stream (preserve_rng_state); the context restores the TP-region stream. That
+    replay swaps generator states, which dynamo cannot trace, so under a compiled layer (selective recomputation
+    with train.compile) the layer's graph breaks around this call and the recomputed region runs eagerly.
     """
     return torch.utils.checkpoint.checkpoint(
         function, *args, use_reentrant=False, preserve_rng_state=True, context_fn=_restore_tp_region_on_recompute

@@ -1,3 +1,4 @@
+import shutil
 from contextlib import contextmanager
 
 import pytest
@@ -11,6 +12,7 @@ from megatron_exp.parallel import random, state
 from megatron_exp.parallel.mappings import gather_last_dim
 from megatron_exp.parallel.sharding import merge_state_dicts, shard_specs
 from megatron_exp.parallel.state import Group
+from megatron_exp.plan import measure_activation_bytes
 from tests.distributed import run_on_ranks
 
 NO_DROPOUT = ModelConfig(
@@ -185,18 +187,23 @@ DROPOUT = ModelConfig(**{**vars(NO_DROPOUT), "hidden_dropout": 0.2, "attention_d
 def check_recompute_matches_none(build, loss_of, mode: str) -> None:
     """`build(recompute)`'s loss and every gradient under `mode` equal those without recomputation, in fp64 with
     dropout on: the same seeds give the same masks only if recomputation replays both dropout streams."""
+    check_same_loss_and_gradients([lambda: build("none"), lambda: build(mode)], loss_of)
+
+
+def check_same_loss_and_gradients(builds, loss_of) -> None:
+    """The two models `builds` make give the same loss and every gradient in fp64, from the same dropout seeds."""
     results = []
-    for recompute in ("none", mode):
-        model = build(recompute).double()
+    for build in builds:
+        model = build().double()
         random.seed(11, model.tp.rank)
         loss = loss_of(model)
         loss.backward()
         results.append((loss.detach(), {name: p.grad for name, p in model.named_parameters()}))
-    (loss, grads), (recomputed_loss, recomputed) = results
-    torch.testing.assert_close(recomputed_loss, loss, **TIGHT)
-    assert recomputed.keys() == grads.keys() and all(g is not None for g in grads.values())
+    (loss, grads), (other_loss, other_grads) = results
+    torch.testing.assert_close(other_loss, loss, **TIGHT)
+    assert other_grads.keys() == grads.keys() and all(g is not None for g in grads.values())
     for name, grad in grads.items():
-        torch.testing.assert_close(recomputed[name], grad, **TIGHT, msg=name)
+        torch.testing.assert_close(other_grads[name], grad, **TIGHT, msg=name)
 
 
 def _gpt_recompute_matches_none(mode: str) -> None:
@@ -217,6 +224,60 @@ def _check_recompute_at_tp():
 
 def test_recompute_at_tp2_gives_the_same_loss_and_gradients():
     run_on_ranks(2, _check_recompute_at_tp)
+
+
+needs_cpp_compiler = pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on CPU needs g++")
+
+
+def _compiled(model: GPTModel) -> GPTModel:
+    """`model` with its layers compiled (train.compile), from a clean dynamo state (no cache of an earlier model
+    reaching its recompile limit and leaving a layer eager) and cleared counters (to tell that it compiled)."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model.compile_layers()
+    return model
+
+
+def _check_compiled_selective_matches_eager(dropout: float) -> None:
+    """Selective recomputation under train.compile: the layer's graph breaks around the recomputed core, which
+    replays both dropout streams eagerly. Inductor draws its own random numbers unless told to use eager's
+    (fallback_random), so with it the compiled layer's residual dropouts draw eager's masks too."""
+    cfg = ModelConfig(**{**vars(NO_DROPOUT), "layers": 1, "hidden_dropout": dropout, "attention_dropout": dropout})
+
+    def build() -> GPTModel:
+        return GPTModel(cfg, recompute="selective", seed=2)
+
+    with torch._inductor.config.patch(fallback_random=True):
+        check_same_loss_and_gradients([build, lambda: _compiled(build())], lambda m: _lm_loss(m, _tokens(0))[1])
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # the second model did run compiled
+
+
+@pytest.mark.slow
+@needs_cpp_compiler
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_compiled_selective_recompute_gives_the_eager_loss_and_gradients(dropout):
+    _check_compiled_selective_matches_eager(dropout)
+
+
+@pytest.mark.slow
+@needs_cpp_compiler
+def test_compiled_selective_recompute_at_tp2_gives_the_eager_loss_and_gradients():
+    run_on_ranks(2, _check_compiled_selective_matches_eager, 0.2)
+
+
+@pytest.mark.slow
+@needs_cpp_compiler
+def test_compiled_selective_recompute_still_frees_the_attention_core():
+    """With attention dropout on CPU (the math path keeps the s x s scores), compiled layers keep less for
+    backward under selective recomputation than without it."""
+    cfg = ModelConfig(**{**vars(DROPOUT), "layers": 1})
+    tokens = torch.cat([_tokens(0), _tokens(1)[:, :1]], dim=1)  # 17 tokens: 16 inputs and their targets
+    kept = {}
+    for mode in ("none", "selective"):
+        model = _compiled(GPTModel(cfg, recompute=mode, seed=2).double())
+        random.seed(11, 0)
+        kept[mode] = measure_activation_bytes(model, tokens)
+    assert 0 < kept["selective"] < kept["none"]
 
 
 def test_bad_shapes_fail_with_the_key_and_a_fix():
