@@ -1,6 +1,6 @@
 """CPU memory benchmark: each rank's measured step peak next to the planner's prediction, for every memory option.
 
-    python benchmarks/memory.py            # the full table at the CPU benchmark's shape (several minutes on 2 cores)
+    python benchmarks/memory.py            # the full table at the CPU benchmark's shape (18 min on 2 busy cores)
     python benchmarks/memory.py --quick    # a smoke run (seconds), as the test suite does
 
 The shape is benchmarks/cpu_training.py's (FULL: h=512, 6 layers, 16,384 vocabulary, seq 256, micro batch 8), with
@@ -14,7 +14,8 @@ fresh gloo processes (cores / ranks threads each) and handed to the planner as i
 
 Each rank trains GPTModel with the framework's own step (forward and backward, GradientSync, then optimizer_step or
 DistributedOptimizer.step) and reports: its step peak (megatron_exp.plan.measure_step_peak_bytes: weights and
-Adam's state plus what one step allocates, every storage tracked; deterministic), plan.estimate's per-rank peak
+Adam's state, the distributed optimizer's flat gradient buffer too, as they stay resident between steps ("weights
++ Adam"), plus what one step allocates, every storage tracked; deterministic), plan.estimate's per-rank peak
 for the same Config and their ratio, the bytes autograd keeps for backward (plan.measure_activation_bytes), Adam's
 moments, and the median time of untracked steps (the tracking dispatch mode slows a step). The rows run in turn,
 `repeats` times, so that each sees the same machine state; memory is measured in the first round only.
