@@ -81,3 +81,38 @@ def test_distributed_optimizer_benchmark_quick_run_compares_the_three_optimizers
     assert list(rows) == ["plain", "zero", "ours"] and all(r["update_s"] > 0 for r in rows.values())
     assert rows["plain"]["fullest_vs_even"] == 2.0 and rows["ours"]["fullest_vs_even"] == 1.0  # 1/dp of Adam each
     assert rows["ours"]["loss"] == pytest.approx(rows["plain"]["loss"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_memory_benchmark_quick_run_measures_what_each_option_saves_per_rank(tmp_path):
+    out = tmp_path / "memory.json"
+    done = subprocess.run(
+        [sys.executable, "benchmarks/memory.py", "--quick", "--steps", "1", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = {r["option"]: r for r in json.loads(out.read_text())["rows"]}
+    assert list(rows) == ["recompute=none", "recompute=selective", "recompute=full", "tp=2", "tp=2, sequence_parallel",
+                          "dp=2, plain optimizer", "dp=2, distributed_optimizer"]  # fmt: skip
+    assert [len(r["ranks"]) for r in rows.values()] == [1, 1, 1, 2, 2, 2, 2]  # one entry per rank
+    ranks = [rank for r in rows.values() for rank in r["ranks"]]
+    assert all(r["peak_bytes"] > r["resident_bytes"] > r["adam_bytes"] > 0 and r["saved_bytes"] > 0 for r in ranks)
+    assert all(0.5 < r["predicted_vs_measured"] < 2 and r["s"] > 0 for r in ranks)
+    assert done.stdout.count("\n| ") == 1 + len(ranks) and "| planner / measured |" in done.stdout  # header + ranks
+
+    def each(option, key):
+        return [rank[key] for rank in rows[option]["ranks"]]
+
+    # with attention dropout on CPU, none keeps the math path's s x s scores, which selective frees
+    saved = [each(f"recompute={mode}", "saved_bytes")[0] for mode in ("none", "selective", "full")]
+    assert saved[0] > saved[1] > saved[2]
+    peaks = [each(f"recompute={mode}", "peak_bytes")[0] for mode in ("none", "selective", "full")]
+    assert peaks[1] <= peaks[0] and peaks[2] < peaks[0]
+    for key in ("saved_bytes", "peak_bytes"):  # sequence parallelism shrinks every TP rank's activations
+        assert all(sp < tp for sp, tp in zip(each("tp=2, sequence_parallel", key), each("tp=2", key), strict=True))
+    assert each("tp=2, sequence_parallel", "adam_bytes") == each("tp=2", "adam_bytes")
+    plain, sharded = each("dp=2, plain optimizer", "adam_bytes"), each("dp=2, distributed_optimizer", "adam_bytes")
+    assert plain[0] == plain[1] and all(s == pytest.approx(plain[0] / 2, abs=8) for s in sharded)  # 1/dp each
