@@ -29,11 +29,10 @@ def _final_weights(run_dir) -> dict:
 
 
 @pytest.fixture(scope="module")
-def serial(tmp_path_factory):
-    cache = str(tmp_path_factory.mktemp("data-cache"))
+def serial(tmp_path_factory, shared_cache):
     run_dir = tmp_path_factory.mktemp("serial")
-    _train(run_dir, cache, ["parallel.micro_batch=8"])
-    return cache, run_dir
+    _train(run_dir, shared_cache, ["parallel.micro_batch=8"])
+    return shared_cache, run_dir
 
 
 @pytest.mark.parametrize(

@@ -136,10 +136,10 @@ def _train_three_runs(root, cache):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    root, cache = tmp_path_factory.mktemp("runs"), str(tmp_path_factory.mktemp("data-cache"))
-    run_on_ranks(2, _train_three_runs, root, cache, tp=1)
-    return root, cache
+def runs(tmp_path_factory, shared_cache):
+    root = tmp_path_factory.mktemp("runs")
+    run_on_ranks(2, _train_three_runs, root, shared_cache, tp=1)
+    return root, shared_cache
 
 
 def _losses(run_dir) -> dict[int, float]:
