@@ -12,29 +12,36 @@ on GPU, bf16 parameters with fp32 main gradients, main weights and moments, is 2
 Activations are what autograd keeps for backward in this implementation, measured and then written down here
 (tests/test_plan.py checks the estimate against a measurement at tp=1 and 2, with and without sequence
 parallelism, and at pp=2). Per layer, TP degree t, and r = 1/t with `parallel.sequence_parallel` (else 1), the
-share of the sequence a rank keeps of what lies outside the TP regions; in elements:
-    b s h (4 r + 12/t)   layer input, the two layernorm outputs (the QKV and first MLP matmuls save only this rank's
-                         shard under SP and gather it again in backward), the residual between attention and MLP;
-                         q/k/v, attention output, the MLP's two 4h tensors
-  + b (a/t) s            fused attention's row statistics (it keeps no s x s scores)
+share of the sequence a rank keeps of what lies outside the TP regions; in elements of the matmuls' dtype (P: of the
+parameters' and the residual stream's, fp32 here at every precision):
+    b s h r x 2 (P)      layer input and the residual between attention and MLP (what the layernorms save)
+  + b s h r x 2          the two layernorm outputs (the QKV and first MLP matmuls save only this rank's shard under
+                         SP and gather it again in backward)
+  + b s h 12/t           q/k/v, attention output, the MLP's two 4h tensors
+  + b (a/t) s            fused attention's row statistics (fp32; it keeps no s x s scores)
+  + 12 h^2 / t           under bf16/fp16 autocast, the low-precision copies of the fp32 weights that each matmul
+                         saves, for every micro-batch in flight (measured with CPU autocast, which casts as CUDA's)
 With dropout on: 2 masks of b s h r per layer (+1 after the embedding), 4 bytes each on CPU, 1 on GPU; and on CPU,
 where the fused attention kernel has no dropout, the math path keeps 12 bytes per score: b (a/t) s^2 x 12.
-Outside the layers: the final layernorm's input and output (2 b s h r: the tied output layer saves the shard and
-gathers it into its matmul) and the vocab-parallel loss's softmax (b s V/t, fp32, the whole sequence); before the
-last pipeline stage, each chunk's output (b s h r), which the schedule keeps to run backward from the next stage's
-gradient.
+Outside the layers: the final layernorm's input (P) and output (b s h r each: the tied output layer saves the shard
+and gathers it into its matmul; under autocast also its copy of the word embedding, V/t x h), and the vocab-parallel
+loss's softmax (b s V/t, fp32, the whole sequence); before the last pipeline stage, each chunk's output (b s h r, P),
+which the schedule keeps to run backward from the next stage's gradient.
 With `parallel.recompute=selective` a layer keeps all of that except what the attention core (QK^T, softmax,
 attention dropout, attention over V) saves: its row statistics and, on CPU with attention dropout, the math
 path's b (a/t) s^2 x 12 bytes; q/k/v stay (the recomputation's inputs) and so does the attention output (the
 output projection's input). One layer's core is live again during its backward. With `full` each layer keeps only
-its input (b s h r), plus one layer's full set live during its recomputation.
+its input (b s h r, P), plus one layer's full set live during its recomputation.
 
 Against Korthikanti et al. 2022 (bf16, 1-byte masks, per layer): s b h (34 + 5 a s / h) without SP or
 recomputation is s b h (10 + 24/t + 5 a s / (h t)) at TP degree t, and here s b h (10 + 24/t) + 4 b (a/t) s: the
-5 a s / h is the s x s scores, softmax output and its dropout mask, which the fused attention never keeps. So with SP
+5 a s / h is the s x s scores, softmax output and its dropout mask, which the fused attention never keeps. With SP
 this is 34 s b h / t plus the row statistics, and with SP + selective exactly the paper's 34 s b h / t: selective
 recomputation saves almost nothing on GPU here, because there is almost nothing left for it to free. With full
-recomputation, 2 s b h per layer as in the paper (2 s b h / t with SP, where each layer's input is a shard).
+recomputation, 2 s b h per layer (2 s b h / t with SP, where each layer's input is a shard). All of these assume
+bf16 parameters, as Megatron has; ours are fp32 under autocast, which adds the fp32 residual's 4 s b h r, a 4-byte
+input with full recomputation, and the weights' bf16 copies, 24 h^2 / t bytes per layer and micro-batch in flight
+(for GPT-3 175B at tp=8, 453 MB a layer: the bf16 parameters of the mixed-precision change remove them).
 
 The per-rank total is the step's peak, not a sum of everything: weights and Adam's state always, plus the largest of
   - the forward's end: every activation in flight, the output layer's logits (b s V/t) beside the loss's fp32
@@ -71,6 +78,10 @@ from megatron_exp.training.flops import hardware_flops, model_flops
 
 log = logging.getLogger("megatron_exp.plan")
 
+# Parameters, and so the residual stream whose dtype they set, are fp32 at every precision here (autocast runs the
+# matmuls in bf16/fp16): the mixed-precision change (bf16 parameters) makes this follow the config.
+PARAMETER_BYTES = 4
+
 
 def _sizes(cfg: Config) -> tuple[int, int, int, int, int]:
     m = cfg.model
@@ -93,7 +104,14 @@ def _mask_bytes(cfg: Config) -> float:
 
 
 def _element(cfg: Config) -> int:
+    """Bytes of an element in the matmuls' dtype (autocast's under bf16/fp16)."""
     return 4 if cfg.hardware.precision in ("fp32", "auto") else 2
+
+
+def _weight_copies(cfg: Config, weights: float) -> float:
+    """The low-precision copies of fp32 `weights` that autocast's matmuls save for backward, one per micro-batch
+    (none where the parameters already have the matmuls' dtype)."""
+    return weights * _element(cfg) if _element(cfg) < PARAMETER_BYTES else 0
 
 
 def _attention_core_bytes(cfg: Config) -> float:
@@ -108,10 +126,11 @@ def _attention_core_bytes(cfg: Config) -> float:
 def layer_activation_bytes(cfg: Config, recompute: str = "none") -> float:
     """What one transformer layer keeps for backward under `recompute` (none | selective | full)."""
     b, s, h, _, tp = _sizes(cfg)
-    share = _sequence_share(cfg)
+    share, element = _sequence_share(cfg), _element(cfg)
     if recompute == "full":
-        return b * s * h * share * _element(cfg)
-    kept = b * s * h * (4 * share + 12 / tp) * _element(cfg) + 2 * _mask_bytes(cfg)
+        return b * s * h * share * PARAMETER_BYTES
+    residual = b * s * h * share * (2 * PARAMETER_BYTES + 2 * element)  # input and mid residual; layernorm outputs
+    kept = residual + b * s * h * 12 / tp * element + 2 * _mask_bytes(cfg) + _weight_copies(cfg, 12 * h * h / tp)
     return kept if recompute == "selective" else kept + _attention_core_bytes(cfg)
 
 
@@ -129,10 +148,11 @@ def _stage_activations(cfg: Config, recompute: str, stage: int) -> tuple[float, 
     head = 0.0
     if part.head:  # the final layernorm's input and output, the loss's softmax
         vocab_part = padded_vocab_size(cfg.model.vocab_size, tp) / tp
-        head = 2 * b * s * h * _sequence_share(cfg) * _element(cfg) + b * s * vocab_part * 4
+        head = b * s * h * _sequence_share(cfg) * (PARAMETER_BYTES + _element(cfg)) + b * s * vocab_part * 4
+        head += _weight_copies(cfg, vocab_part * h)  # the tied output layer's
     embeddings = _mask_bytes(cfg) if part.embeddings else 0  # the embedding's dropout
     # before the last stage, the chunk's output: the schedule keeps it to run backward from the next one's gradient
-    output = 0 if part.head else b * s * h * _sequence_share(cfg) * _element(cfg)
+    output = 0 if part.head else b * s * h * _sequence_share(cfg) * PARAMETER_BYTES
     one = len(part.layers) / len(part.chunks) * layer_activation_bytes(cfg, recompute) + head + embeddings + output
     in_flight = peak_in_flight(layout, cfg.parallel.schedule, preflight.micro_batches(cfg), stage)
     return one, head, in_flight

@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from megatron_exp import preflight
 from megatron_exp.config import RECOMPUTE_MODES
+from megatron_exp.hardware import autocast
 from megatron_exp.models.contract import Batch
 from megatron_exp.models.gpt import GPTModel
 from megatron_exp.parallel import random, state
@@ -85,29 +86,29 @@ MEMORY_OPTIONS = [
 ]  # fmt: skip
 
 
-def test_a_layer_keeps_korthikantis_activations_on_gpu_less_the_attention_scores():
-    """Korthikanti et al.'s per-layer counts (bf16, 1-byte dropout masks) less the 5 a s / h that the fused attention
-    never keeps: s b h (10 + 24 / t) with TP alone, 34 s b h / t with sequence parallelism (exactly the paper's
-    SP + selective count, as selective recomputation frees only the softmax's row statistics here), 2 s b h with full
-    recomputation (2 s b h / t with SP)."""
-    cfg = _resolved(GPT_175B)
+@pytest.mark.parametrize("sp", [False, True])
+def test_a_layer_keeps_korthikantis_activations_less_the_attention_scores_plus_what_fp32_weights_add(sp):
+    """Korthikanti et al.'s per-layer counts (bf16, 1-byte dropout masks) less the 5 a s / h of scores that the fused
+    attention never keeps: s b h (10 + 24/t) with TP alone and with selective recomputation, 34 s b h / t with
+    sequence parallelism and selective recomputation (selective frees only the softmax's row statistics here). Our
+    parameters are fp32 under autocast, which adds per layer the bf16 copies of its weights (2 x 12 h^2 / t) and the
+    fp32 residual stream: 2 more bytes on its two saved tensors (4 s b h r), and a 4-byte input with full
+    recomputation (the paper: 2 s b h)."""
+    cfg = _resolved([*GPT_175B, f"parallel.sequence_parallel={sp}"])
     b, s, h, t = cfg.parallel.micro_batch, cfg.data.seq_len, cfg.model.hidden, 8
+    r = 1 / t if sp else 1  # the sequence share of what lies outside the TP regions
+    paper = 34 * s * b * h / t if sp else s * b * h * (10 + 24 / t)
+    fp32_parameters = 2 * 12 * h * h / t + 4 * s * b * h * r
     row_statistics = b * (cfg.model.heads / t) * s * 4
-    assert layer_activation_bytes(cfg, "none") == s * b * h * (10 + 24 / t) + row_statistics
-    assert layer_activation_bytes(cfg, "full") == 2 * s * b * h
-    sequence_parallel = _resolved([*GPT_175B, "parallel.sequence_parallel=true"])
-    assert layer_activation_bytes(sequence_parallel, "selective") == 34 * s * b * h / t
-    assert layer_activation_bytes(sequence_parallel, "none") == 34 * s * b * h / t + row_statistics
-    assert layer_activation_bytes(sequence_parallel, "full") == 2 * s * b * h / t
+    assert layer_activation_bytes(cfg, "selective") == pytest.approx(paper + fp32_parameters)
+    assert layer_activation_bytes(cfg, "none") == pytest.approx(paper + fp32_parameters + row_statistics)
+    assert layer_activation_bytes(cfg, "full") == pytest.approx(4 * s * b * h * r)
 
 
-def test_gpt_175b_at_tp8_pp8_fits_an_a100_with_sequence_parallelism_and_selective_recomputation():
-    assert estimate(_resolved([*GPT_175B, *MEMORY_OPTIONS]))["fits"] is True  # as `plan` prints it (README)
-    # at one micro-batch per step (the default batch) it fits without them too: the weights and Adam's state (16 bytes
-    # a parameter) dominate; at micro batch 2 over 64 micro-batches, stage 0 keeps 8 in flight and only they fit
-    batch = ["parallel.micro_batch=2", "parallel.global_batch=128"]
-    assert estimate(_resolved([*GPT_175B, *batch]))["fits"] is False
-    assert estimate(_resolved([*GPT_175B, *batch, *MEMORY_OPTIONS]))["fits"] is True
+def test_gpt_175b_at_tp8_pp8_fits_an_a100_with_sequence_parallelism_and_selective_recomputation_not_without():
+    """`plan` as README shows it: one micro-batch of 8 a step, each stage holding one in flight."""
+    assert estimate(_resolved([*GPT_175B, *MEMORY_OPTIONS]))["fits"] is True
+    assert estimate(_resolved(GPT_175B))["fits"] is False
 
 
 def test_pipeline_stages_count_their_layers_the_micro_batches_in_flight_and_their_ends():
@@ -142,7 +143,8 @@ def _activations_of(cfg) -> int:
     par = cfg.parallel
     model = GPTModel(cfg.model, recompute=par.recompute, sequence_parallel=par.sequence_parallel)
     tokens = torch.randint(0, cfg.model.vocab_size, (par.micro_batch, cfg.data.seq_len + 1))
-    return measure_activation_bytes(model, tokens)
+    with autocast(cfg.hardware.precision, model.device)():
+        return measure_activation_bytes(model, tokens)
 
 
 @functools.cache
@@ -159,6 +161,18 @@ def test_activation_estimate_is_within_25_percent_and_a_layer_within_5_of_the_me
     # one layer: what a model with one more layer keeps in addition
     one_more = _measured_activation_bytes(dropout, recompute, cfg.model.layers + 1) - measured
     assert layer_activation_bytes(cfg, recompute) == pytest.approx(one_more, rel=0.05)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recompute", RECOMPUTE_MODES)
+def test_under_bf16_autocast_a_layer_also_keeps_its_weights_bf16_copies_and_an_fp32_residual(recompute):
+    """fp32 parameters under autocast (as on GPU): each matmul saves the bf16 copy of its weight for backward, and
+    the residual stream (the layer input, the mid residual) stays fp32: CPU autocast casts as CUDA's does."""
+    cfg = _mini(0.0, f"parallel.recompute={recompute}", "hardware.precision=bf16")
+    kept = [_activations_of(_mini(0.0, f"parallel.recompute={recompute}", "hardware.precision=bf16",
+                                  f"model.layers={layers}")) for layers in (4, 5)]  # fmt: skip
+    assert layer_activation_bytes(cfg, recompute) == pytest.approx(kept[1] - kept[0], rel=0.05)
+    assert activation_bytes(cfg, recompute, peak=False) == pytest.approx(kept[0], rel=0.05)
 
 
 def _record_on_ranks(measure, configs, directory):
