@@ -56,7 +56,9 @@ The distributed optimizer's gradients live in one flat buffer for the whole run:
 In a pipeline, the stage with the largest total is reported (the first holds the most micro-batches in flight,
 the last the head and the tied embedding's copy). tests/test_plan.py checks this against the measured peak of
 real training steps (`measure_step_peak_bytes`): serial, tp=2 with and without SP, dp=2 with the distributed
-optimizer, and 1F1B at pp=2, each recompute mode (all within 2.5% of measured, most within 0.5%).
+optimizer, and 1F1B at pp=2, each recompute mode (all within 2.5% of measured, most within 0.5%). A smaller
+stage can be overestimated by up to 15%: with as many micro-batches as stages, stage 0's in-flight peak comes
+before its first backward has made any gradient, which the forward's end counts when micro-batches accumulate.
 """
 
 from __future__ import annotations
