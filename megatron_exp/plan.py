@@ -10,27 +10,55 @@ on GPU, bf16 parameters with fp32 main gradients, main weights and moments, is 2
 (18 unsharded), which the mixed-precision change (bf16 parameters) will bring.
 
 Activations are what autograd keeps for backward in this implementation, measured and then written down here
-(tests/test_plan.py checks the estimate against a measurement). Per layer and TP degree t, in elements:
-    b s h (4 + 12/t)   layer input, the two layernorm outputs, q/k/v, attention output, the MLP's two 4h tensors
-  + b (a/t) s          fused attention's row statistics (it keeps no s x s scores)
-With dropout on: 2 masks of b s h per layer (+1 after the embedding), 4 bytes each on CPU, 1 on GPU; and on CPU,
+(tests/test_plan.py checks the estimate against a measurement at tp=1 and 2, with and without sequence
+parallelism, and at pp=2). Per layer, TP degree t, and r = 1/t with `parallel.sequence_parallel` (else 1), the
+share of the sequence a rank keeps of what lies outside the TP regions; in elements of the matmuls' dtype (P: of the
+parameters' and the residual stream's, fp32 here at every precision):
+    b s h r x 2 (P)      layer input and the residual between attention and MLP (what the layernorms save)
+  + b s h r x 2          the two layernorm outputs (the QKV and first MLP matmuls save only this rank's shard under
+                         SP and gather it again in backward)
+  + b s h 12/t           q/k/v, attention output, the MLP's two 4h tensors
+  + b (a/t) s            fused attention's row statistics (fp32; it keeps no s x s scores)
+  + 12 h^2 / t           under bf16/fp16 autocast, the low-precision copies of the fp32 weights that each matmul
+                         saves, for every micro-batch in flight (measured with CPU autocast, which casts as CUDA's)
+With dropout on: 2 masks of b s h r per layer (+1 after the embedding), 4 bytes each on CPU, 1 on GPU; and on CPU,
 where the fused attention kernel has no dropout, the math path keeps 12 bytes per score: b (a/t) s^2 x 12.
-Outside the layers: the final layernorm input and output (2 b s h) and the vocab-parallel loss's softmax
-(b s V/t, fp32).
+Outside the layers: the final layernorm's input (P) and output (b s h r each: the tied output layer saves the shard
+and gathers it into its matmul; under autocast also its copy of the word embedding, V/t x h), and the vocab-parallel
+loss's softmax (b s V/t, fp32, the whole sequence); before the last pipeline stage, each chunk's output (b s h r, P),
+which the schedule keeps to run backward from the next stage's gradient.
 With `parallel.recompute=selective` a layer keeps all of that except what the attention core (QK^T, softmax,
 attention dropout, attention over V) saves: its row statistics and, on CPU with attention dropout, the math
 path's b (a/t) s^2 x 12 bytes; q/k/v stay (the recomputation's inputs) and so does the attention output (the
 output projection's input). One layer's core is live again during its backward. With `full` each layer keeps only
-its input (b s h), plus one layer's full set live during its recomputation.
+its input (b s h r, P), plus one layer's full set live during its recomputation.
 
-The per-rank total is the step's peak, not a sum of everything: weights and Adam's state always, plus the larger of
+Against Korthikanti et al. 2022 (bf16, 1-byte masks, per layer): s b h (34 + 5 a s / h) without SP or
+recomputation is s b h (10 + 24/t + 5 a s / (h t)) at TP degree t, and here s b h (10 + 24/t) + 4 b (a/t) s: the
+5 a s / h is the s x s scores, softmax output and its dropout mask, which the fused attention never keeps. With SP
+this is 34 s b h / t plus the row statistics, and with SP + selective exactly the paper's 34 s b h / t: selective
+recomputation saves almost nothing on GPU here, because there is almost nothing left for it to free. With full
+recomputation, 2 s b h per layer (2 s b h / t with SP, where each layer's input is a shard). All of these assume
+bf16 parameters, as Megatron has; ours are fp32 under autocast, which adds the fp32 residual's 4 s b h r, a 4-byte
+input with full recomputation, and the weights' bf16 copies, 24 h^2 / t bytes per layer and micro-batch in flight
+(for GPT-3 175B at tp=8, 453 MB a layer: the bf16 parameters of the mixed-precision change remove them).
+
+The per-rank total is the step's peak, not a sum of everything: weights and Adam's state always, plus the largest of
   - the forward's end: every activation in flight, the output layer's logits (b s V/t) beside the loss's fp32
     softmax copy, and the gradients when micro-batches accumulate into them (they are freed after each step);
-  - the backward's start: the activations, the layer being recomputed, and the gradients (accumulating) or the
-    first one backward makes, the word embedding's (V/t x h);
+  - the backward through the output layer and then the top layer: the activations, the gradients (accumulating) or
+    the first one backward makes, the word embedding's (V/t x h), and the top layer recomputed once the head's
+    tensors are freed;
+  - the backward through the lowest layer: the other micro-batches' activations in flight, that layer's and its
+    recomputed set, and every gradient (at one micro-batch a step with full recomputation, usually the largest);
   - the optimizer step: the gradients (the fused AdamW allocates nothing more).
 The distributed optimizer's gradients live in one flat buffer for the whole run: they count as resident.
-tests/test_plan.py checks this against the measured peak of real training steps (`measure_step_peak_bytes`).
+In a pipeline, the stage with the largest total is reported (the first holds the most micro-batches in flight,
+the last the head and the tied embedding's copy). tests/test_plan.py checks this against the measured peak of
+real training steps (`measure_step_peak_bytes`): serial, tp=2 with and without SP, dp=2 with the distributed
+optimizer, and 1F1B at pp=2, each recompute mode (all within 2.5% of measured, most within 0.5%). A smaller
+stage can be overestimated by up to 15%: with as many micro-batches as stages, stage 0's in-flight peak comes
+before its first backward has made any gradient, which the forward's end counts when micro-batches accumulate.
 """
 
 from __future__ import annotations
@@ -52,19 +80,40 @@ from megatron_exp.training.flops import hardware_flops, model_flops
 
 log = logging.getLogger("megatron_exp.plan")
 
+# Parameters, and so the residual stream whose dtype they set, are fp32 at every precision here (autocast runs the
+# matmuls in bf16/fp16): the mixed-precision change (bf16 parameters) makes this follow the config.
+PARAMETER_BYTES = 4
+
 
 def _sizes(cfg: Config) -> tuple[int, int, int, int, int]:
     m = cfg.model
     return cfg.parallel.micro_batch, cfg.data.seq_len or m.seq_len, m.hidden, m.heads, cfg.parallel.tp
 
 
+def _sequence_share(cfg: Config) -> float:
+    """The share of the sequence that the activations outside TP regions cover on a rank: 1/tp with sequence
+    parallelism (a model built with it at tp=1 is the plain one), else all of it."""
+    tp = cfg.parallel.tp
+    return 1 / tp if cfg.parallel.sequence_parallel and tp > 1 else 1
+
+
 def _mask_bytes(cfg: Config) -> float:
+    """One dropout mask on the residual stream (this rank's sequence shard with sequence parallelism)."""
     b, s, h, _, _ = _sizes(cfg)
-    return (4 if cfg.hardware.device != "cuda" else 1) * b * s * h if cfg.model.hidden_dropout > 0 else 0
+    if cfg.model.hidden_dropout == 0:
+        return 0
+    return (4 if cfg.hardware.device != "cuda" else 1) * b * s * h * _sequence_share(cfg)
 
 
 def _element(cfg: Config) -> int:
+    """Bytes of an element in the matmuls' dtype (autocast's under bf16/fp16)."""
     return 4 if cfg.hardware.precision in ("fp32", "auto") else 2
+
+
+def _weight_copies(cfg: Config, weights: float) -> float:
+    """The low-precision copies of fp32 `weights` that autocast's matmuls save for backward, one per micro-batch
+    (none where the parameters already have the matmuls' dtype)."""
+    return weights * _element(cfg) if _element(cfg) < PARAMETER_BYTES else 0
 
 
 def _attention_core_bytes(cfg: Config) -> float:
@@ -79,10 +128,36 @@ def _attention_core_bytes(cfg: Config) -> float:
 def layer_activation_bytes(cfg: Config, recompute: str = "none") -> float:
     """What one transformer layer keeps for backward under `recompute` (none | selective | full)."""
     b, s, h, _, tp = _sizes(cfg)
+    share, element = _sequence_share(cfg), _element(cfg)
     if recompute == "full":
-        return b * s * h * _element(cfg)
-    kept = b * s * h * (4 + 12 / tp) * _element(cfg) + 2 * _mask_bytes(cfg)
+        return b * s * h * share * PARAMETER_BYTES
+    residual = b * s * h * share * (2 * PARAMETER_BYTES + 2 * element)  # input and mid residual; layernorm outputs
+    kept = residual + b * s * h * 12 / tp * element + 2 * _mask_bytes(cfg) + _weight_copies(cfg, 12 * h * h / tp)
     return kept if recompute == "selective" else kept + _attention_core_bytes(cfg)
+
+
+def _recomputed_bytes(cfg: Config, recompute: str) -> float:
+    """What is live again while backward recomputes one layer (selective: its attention core)."""
+    return {"none": 0, "selective": _attention_core_bytes(cfg), "full": layer_activation_bytes(cfg)}[recompute]
+
+
+def _stage_activations(cfg: Config, recompute: str, stage: int) -> tuple[float, float, int]:
+    """(what one chunk forward keeps on pipeline stage `stage`, the part of it that the head keeps, how many chunk
+    forwards the schedule has in flight there at most)."""
+    b, s, h, _, tp = _sizes(cfg)
+    layout = preflight.pipeline_layout(cfg)
+    part = layout.part(stage)
+    head = 0.0
+    if part.head:  # the final layernorm's input and output, the loss's softmax
+        vocab_part = padded_vocab_size(cfg.model.vocab_size, tp) / tp
+        head = b * s * h * _sequence_share(cfg) * (PARAMETER_BYTES + _element(cfg)) + b * s * vocab_part * 4
+        head += _weight_copies(cfg, vocab_part * h)  # the tied output layer's
+    embeddings = _mask_bytes(cfg) if part.embeddings else 0  # the embedding's dropout
+    # before the last stage, the chunk's output: the schedule keeps it to run backward from the next one's gradient
+    output = 0 if part.head else b * s * h * _sequence_share(cfg) * PARAMETER_BYTES
+    one = len(part.layers) / len(part.chunks) * layer_activation_bytes(cfg, recompute) + head + embeddings + output
+    in_flight = peak_in_flight(layout, cfg.parallel.schedule, preflight.micro_batches(cfg), stage)
+    return one, head, in_flight
 
 
 def activation_bytes(cfg: Config, recompute: str, peak: bool = True, stage: int = 0) -> float:
@@ -90,36 +165,27 @@ def activation_bytes(cfg: Config, recompute: str, peak: bool = True, stage: int 
     the micro-batches in flight at once under the schedule (one without a pipeline), the embeddings' and the
     loss's tensors where the stage holds them, plus (`peak`) what is live again while one layer is recomputed in
     backward."""
-    b, s, h, _, tp = _sizes(cfg)
-    layout = preflight.pipeline_layout(cfg)
-    part = layout.part(stage)
-    in_flight = peak_in_flight(layout, cfg.parallel.schedule, preflight.micro_batches(cfg), stage)
-    layers = in_flight * len(part.layers) / len(part.chunks)  # chunk activations in flight x layers per chunk
-    outside = 0.0
-    if part.head:  # the final layernorm's input and output, the loss's softmax
-        outside += 2 * b * s * h * _element(cfg) + b * s * padded_vocab_size(cfg.model.vocab_size, tp) / tp * 4
-    if part.embeddings:
-        outside += _mask_bytes(cfg)  # the embedding's dropout
-    outside *= in_flight
-    recomputed = {"none": 0, "selective": _attention_core_bytes(cfg), "full": layer_activation_bytes(cfg)}[recompute]
-    return layers * layer_activation_bytes(cfg, recompute) + outside + (recomputed if peak else 0)
+    one, _, in_flight = _stage_activations(cfg, recompute, stage)
+    return in_flight * one + (_recomputed_bytes(cfg, recompute) if peak else 0)
 
 
 def step_peak_bytes(cfg: Config, per_rank: int, stage: int = 0) -> float:
     """What a training step on a rank of `stage` (holding `per_rank` parameters) holds at its peak beyond weights
-    and Adam's state (the module docstring lists the three candidates)."""
+    and Adam's state (the module docstring lists the candidates)."""
     b, s, h, _, tp = _sizes(cfg)
     mode, part = cfg.parallel.recompute, preflight.pipeline_layout(cfg).part(stage)
     # the distributed optimizer's flat gradient buffer lives for the whole run: it is resident, not transient
     grads = 0 if cfg.parallel.distributed_optimizer else per_rank * 4
     accumulated = grads if preflight.micro_batches(cfg) > 1 else 0
-    kept = activation_bytes(cfg, mode, peak=False, stage=stage)
+    one, head, in_flight = _stage_activations(cfg, mode, stage)
+    kept, recomputed = in_flight * one, _recomputed_bytes(cfg, mode)
     vocab_part = padded_vocab_size(cfg.model.vocab_size, tp) / tp
     logits = b * s * vocab_part * _element(cfg) if part.head else 0
     first_grad = vocab_part * h * 4 if part.head and grads else 0
     forward_end = kept + logits + accumulated
-    backward_start = activation_bytes(cfg, mode, stage=stage) + (accumulated or first_grad)
-    return max(forward_end, backward_start, grads)
+    top_layer = kept + max(recomputed - head, 0) + (accumulated or first_grad)
+    bottom_layer = kept - one + layer_activation_bytes(cfg, mode) + recomputed + grads
+    return max(forward_end, top_layer, bottom_layer, grads)
 
 
 def measure_step_peak_bytes(step: Callable[[], object], resident: Iterable[torch.Tensor]) -> int:
@@ -176,17 +242,18 @@ def measure_activation_bytes(model, tokens: torch.Tensor) -> int:
 
 
 def estimate(cfg: Config) -> dict:
-    per_rank, total = preflight.parameter_counts(cfg)
+    stage_parameters, total = preflight.stage_parameter_counts(cfg)
     par, m = cfg.parallel, cfg.model
     seq = cfg.data.seq_len or m.seq_len
     vocab = padded_vocab_size(m.vocab_size, par.tp)
     # weights and Adam's state, and with the distributed optimizer its gradient buffer
-    resident = per_rank * (preflight.state_bytes_per_parameter(cfg) - (0 if par.distributed_optimizer else 4))
+    resident_bytes = preflight.state_bytes_per_parameter(cfg) - (0 if par.distributed_optimizer else 4)
     shards = par.dp if par.distributed_optimizer else 1  # Adam's moments split over DP
-    # the stage that needs the most (weights differ little between stages; activations and the head do)
-    stage = max(range(par.pp), key=lambda s: activation_bytes(cfg, par.recompute, stage=s))
+    peaks = [n * resident_bytes + step_peak_bytes(cfg, n, stage) for stage, n in enumerate(stage_parameters)]
+    # the stage that needs the most: the first holds the most micro-batches in flight, the last the head
+    stage = max(range(par.pp), key=peaks.__getitem__)
+    per_rank, peak = stage_parameters[stage], peaks[stage]
     activations = {mode: activation_bytes(cfg, mode, stage=stage) for mode in RECOMPUTE_MODES}
-    peak = resident + step_peak_bytes(cfg, per_rank, stage)
     memory = cfg.hardware.memory_gb
     return {
         "parameters_total": total,
@@ -227,8 +294,10 @@ def report(cfg: Config, plan: dict) -> str:
         ("model FLOPs per iteration", f"{plan['model_flops_per_iteration']:.3e}"),
     ]
     if par.pp > 1:
-        rows.append((f"pipeline bubble ({par.schedule})", f"{100 * plan['pipeline_bubble']:.1f}% of a step"))
-    grid = f"tp={par.tp} x pp={par.pp} x dp={par.dp}"
+        bubble = f"{100 * plan['pipeline_bubble']:.1f}% of the compute time"
+        rows.append((f"pipeline bubble ({par.schedule}, (p - 1) / (v m))", bubble))
+    sequence_parallel = " (sequence parallel)" if par.sequence_parallel and par.tp > 1 else ""
+    grid = f"tp={par.tp}{sequence_parallel} x pp={par.pp} x dp={par.dp}"
     title = f"{cfg.model.name} at {grid}, global batch {par.global_batch}, seq {cfg.data.seq_len}"
     width = max(len(k) for k, _ in rows)
     return "\n".join([title, *(f"  {k:<{width}}  {v}" for k, v in rows)])

@@ -70,16 +70,23 @@ def micro_batches(cfg: Config) -> int:
 def parameter_counts(cfg: Config) -> tuple[int, int]:
     """(parameters on the largest rank: the TP shard of the largest pipeline stage, parameters of the whole
     model), counted on the meta device."""
+    stages, total = stage_parameter_counts(cfg)
+    return max(stages), total
+
+
+def stage_parameter_counts(cfg: Config) -> tuple[list[int], int]:
+    """(parameters on a rank of each pipeline stage: its TP shard, parameters of the whole model), counted on the
+    meta device."""
     par = cfg.parallel
     layout = pipeline_layout(cfg)
-    largest, total = 0, 0
+    stages, total = [], 0
     for stage in range(par.pp):
         with torch.device("meta"), state.use(state.virtual(par.tp, pp=par.pp, pp_rank=stage)):
             shard = build_model(cfg.model, part=layout.part(stage))
-        largest = max(largest, sum(p.numel() for p in shard.parameters()))
+        stages.append(sum(p.numel() for p in shard.parameters()))
         counted = [p for p in shard.parameters() if not getattr(p, "pipeline_copy", False)]
         total += sum(p.numel() * (par.tp if ShardSpec.of(p).dim is not None else 1) for p in counted)
-    return largest, total
+    return stages, total
 
 
 def validate(cfg: Config, world_size: int | None = None) -> None:

@@ -36,6 +36,7 @@ class MicroBatches:
             with self.autocast():
                 outputs = self.model(**batch.inputs)
             terms = self.model.loss_terms(outputs, **batch.targets)
+            del outputs  # the logits: autograd keeps what backward needs, and they would be live through it
             loss = terms["loss"] / count
             (loss * self.loss_scale if self.loss_scale is not None else loss).backward()
             for name, value in terms.items():
@@ -86,6 +87,8 @@ class Pipeline:
 
     def _send(self, tensor: torch.Tensor, chunk: int, forward: bool) -> None:
         group = self.grid.pp.handle if forward else self.grid.pp_backward
+        # completed sends let their tensors go: held to the step's end, a stage would keep every micro-batch's
+        self.pending = [(work, sent) for work, sent in self.pending if not work.is_completed()]
         self.pending.append(
             (dist.isend(tensor.contiguous(), group=group, group_dst=self.layout.stage_of(chunk)), tensor)
         )
