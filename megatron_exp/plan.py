@@ -1,13 +1,14 @@
 """`python -m megatron_exp.plan [the same overrides as train]`: will this config fit, and what will it cost?
 
 Builds one rank's shard on the meta device (nothing allocated) and prints, per rank: parameters; memory for
-weights, gradients and Adam state (fp32: 4 + 4 + 8 bytes per parameter); activation memory at the configured
-micro batch for each `parallel.recompute` mode; FLOPs per iteration; and whether it fits the device.
+weights, gradients and optimizer state; activation memory at the configured micro batch for each
+`parallel.recompute` mode; FLOPs per iteration; and whether it fits the device.
 
-With `parallel.distributed_optimizer=true` each DP rank keeps 1/dp of Adam's moments: 4 + 4 + 8/dp bytes per
-parameter. The parameters are fp32 (autocast runs bf16/fp16), so they are their own main weights; Megatron's count
-on GPU, bf16 parameters with fp32 main gradients, main weights and moments, is 2 + 4 + (4 + 8)/dp = 6 + 12/dp
-(18 unsharded), which the mixed-precision change (bf16 parameters) will bring.
+The state (preflight.state_bytes_per_parameter): fp32 parameters (`hardware.params=fp32`, autocast running
+bf16/fp16) are their own main weights, 4 + 4 + 8 bytes per parameter; bf16/fp16 parameters (`hardware.params=low`,
+the default on GPU) are 2 bytes, with an fp32 main gradient, main weight and Adam's moments: 2 + 4 + 4 + 8 = 18
+(training/mixed_precision.py). With `parallel.distributed_optimizer=true` each DP rank keeps 1/dp of the moments
+and main weights: 4 + 4 + 8/dp, or 2 + 4 + 12/dp.
 
 Activations are what autograd keeps for backward in this implementation, measured and then written down here
 (tests/test_plan.py checks the estimate against a measurement). Per layer and TP degree t, in elements:
@@ -29,7 +30,9 @@ The per-rank total is the step's peak, not a sum of everything: weights and Adam
   - the backward's start: the activations, the layer being recomputed, and the gradients (accumulating) or the
     first one backward makes, the word embedding's (V/t x h);
   - the optimizer step: the gradients (the fused AdamW allocates nothing more).
-The distributed optimizer's gradients live in one flat buffer for the whole run: they count as resident.
+The distributed optimizer's gradients and low-precision parameters' main gradients live in one flat buffer for the
+whole run: they count as resident (the bf16/fp16 gradient that backward makes first, the word embedding's, still
+lives until its hook adds it to its main gradient).
 tests/test_plan.py checks this against the measured peak of real training steps (`measure_step_peak_bytes`).
 """
 
@@ -110,13 +113,14 @@ def step_peak_bytes(cfg: Config, per_rank: int, stage: int = 0) -> float:
     and Adam's state (the module docstring lists the three candidates)."""
     b, s, h, _, tp = _sizes(cfg)
     mode, part = cfg.parallel.recompute, preflight.pipeline_layout(cfg).part(stage)
-    # the distributed optimizer's flat gradient buffer lives for the whole run: it is resident, not transient
-    grads = 0 if cfg.parallel.distributed_optimizer else per_rank * 4
+    # a flat gradient buffer (the distributed optimizer's, or main gradients) lives for the whole run: resident
+    low = cfg.hardware.params == "low"
+    grads = 0 if cfg.parallel.distributed_optimizer or low else per_rank * 4
     accumulated = grads if preflight.micro_batches(cfg) > 1 else 0
     kept = activation_bytes(cfg, mode, peak=False, stage=stage)
     vocab_part = padded_vocab_size(cfg.model.vocab_size, tp) / tp
     logits = b * s * vocab_part * _element(cfg) if part.head else 0
-    first_grad = vocab_part * h * 4 if part.head and grads else 0
+    first_grad = vocab_part * h * (2 if low else 4) if part.head and (grads or low) else 0
     forward_end = kept + logits + accumulated
     backward_start = activation_bytes(cfg, mode, stage=stage) + (accumulated or first_grad)
     return max(forward_end, backward_start, grads)
@@ -180,9 +184,11 @@ def estimate(cfg: Config) -> dict:
     par, m = cfg.parallel, cfg.model
     seq = cfg.data.seq_len or m.seq_len
     vocab = padded_vocab_size(m.vocab_size, par.tp)
-    # weights and Adam's state, and with the distributed optimizer its gradient buffer
-    resident = per_rank * (preflight.state_bytes_per_parameter(cfg) - (0 if par.distributed_optimizer else 4))
-    shards = par.dp if par.distributed_optimizer else 1  # Adam's moments split over DP
+    # weights and optimizer state, and a flat gradient buffer (distributed optimizer, main gradients)
+    low = cfg.hardware.params == "low"
+    freed = 0 if par.distributed_optimizer or low else 4  # the plain optimizer's fp32 gradients, freed each step
+    resident = per_rank * (preflight.state_bytes_per_parameter(cfg) - freed)
+    shards = par.dp if par.distributed_optimizer else 1  # Adam's moments (and main weights) split over DP
     # the stage that needs the most (weights differ little between stages; activations and the head do)
     stage = max(range(par.pp), key=lambda s: activation_bytes(cfg, par.recompute, stage=s))
     activations = {mode: activation_bytes(cfg, mode, stage=stage) for mode in RECOMPUTE_MODES}
@@ -191,9 +197,9 @@ def estimate(cfg: Config) -> dict:
     return {
         "parameters_total": total,
         "parameters_per_rank": per_rank,
-        "weights_gb": per_rank * 4 / 1e9,
-        "gradients_gb": per_rank * 4 / 1e9,
-        "optimizer_gb": per_rank * 8 / shards / 1e9,
+        "weights_gb": per_rank * (2 if low else 4) / 1e9,
+        "gradients_gb": per_rank * 4 / 1e9,  # fp32: the gradients, or the main gradients
+        "optimizer_gb": per_rank * ((4 if low else 0) + 8) / shards / 1e9,  # main weights, Adam's moments
         "activations_gb": activations["none"] / 1e9,
         "activations_selective_gb": activations["selective"] / 1e9,
         "activations_full_gb": activations["full"] / 1e9,
@@ -212,12 +218,16 @@ def report(cfg: Config, plan: dict) -> str:
     stage = f", stage {plan['largest_stage']} (the largest)" if par.pp > 1 else ""
     fits = {None: "unknown (no device memory given)", True: "yes", False: "NO"}[plan["fits"]]
     sharded = f" / dp={par.dp}" if par.distributed_optimizer else ""  # the distributed optimizer
+    low = cfg.hardware.params == "low"
     rows = [
         ("parameters (whole model)", f"{plan['parameters_total'] / 1e9:.3f}B"),
         ("parameters per rank", f"{plan['parameters_per_rank'] / 1e9:.3f}B"),
-        ("weights (fp32)", f"{plan['weights_gb']:.2f} GB"),
-        ("gradients (fp32)", f"{plan['gradients_gb']:.2f} GB"),
-        (f"Adam state (2 x fp32{sharded})", f"{plan['optimizer_gb']:.2f} GB"),
+        (f"weights ({cfg.hardware.precision if low else 'fp32'})", f"{plan['weights_gb']:.2f} GB"),
+        ("main gradients (fp32)" if low else "gradients (fp32)", f"{plan['gradients_gb']:.2f} GB"),
+        (
+            f"main weights + Adam state (3 x fp32{sharded})" if low else f"Adam state (2 x fp32{sharded})",
+            f"{plan['optimizer_gb']:.2f} GB",
+        ),
         (f"activations, micro batch {par.micro_batch}{stage}", f"{plan['activations_gb']:.2f} GB"),
         ("activations, recompute=selective", f"{plan['activations_selective_gb']:.2f} GB"),
         ("activations, recompute=full", f"{plan['activations_full_gb']:.2f} GB"),
