@@ -69,7 +69,9 @@ class Reference:
                 p.copy_(self.main[name])
 
 
-def _check_main_weights_match_the_reference(arch: str, micro_batches: int, distributed: bool, sp: bool):
+def _check_main_weights_match_the_reference(
+    arch: str, micro_batches: int, distributed: bool, sp: bool, recompute: str = "none"
+):
     torch.set_default_dtype(torch.float64)
     grid = state.current()
     dp, layers = grid.dp, 2 * grid.pp.size
@@ -77,7 +79,7 @@ def _check_main_weights_match_the_reference(arch: str, micro_batches: int, distr
     layout = PipelineLayout(grid.pp.size, 1, layers)
     with state.use(state.SERIAL):
         reference = Reference(build_model(cfg, seed=7), settings)
-    model = build_model(cfg, seed=7, part=layout.part(grid.pp.rank), sequence_parallel=sp)
+    model = build_model(cfg, seed=7, part=layout.part(grid.pp.rank), sequence_parallel=sp, recompute=recompute)
     specs = shard_specs(model)
     if distributed:
         optimizer = DistributedOptimizer(model, settings, grid, torch.float32)
@@ -153,6 +155,11 @@ def test_main_weights_step_like_fp64_adamw_on_the_upcast_gradients_of_the_low_pr
                      tp=tp, pp=pp)  # fmt: skip
 
 
+@pytest.mark.parametrize("recompute", ["selective", "full"])
+def test_recomputed_layers_accumulate_into_the_main_gradients_alike(recompute):
+    _check_main_weights_match_the_reference("gpt", 2, False, False, recompute)
+
+
 def test_an_fp16_overflow_in_the_main_gradients_skips_the_step_and_keeps_the_main_weights():
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 4)
@@ -175,6 +182,7 @@ def test_an_fp16_overflow_in_the_main_gradients_skips_the_step_and_keeps_the_mai
 # --- through the training entry: bf16 parameters on CPU ---------------------------------------------------------
 
 BF16 = ["hardware.precision=bf16", "hardware.params=low"]
+LAYOUT = ["parallel.dp=2", "parallel.micro_batch=4", "parallel.global_batch=8"]
 SMALL_TEST_SPLIT = "data.split_fractions=[0.98,0.01,0.01]"  # the final evaluation reads all of it
 
 
@@ -195,3 +203,37 @@ def test_bf16_parameters_train_like_fp32_save_fp32_main_weights_and_resume_exact
     loop.run()
     losses = {r["iteration"]: r["train/loss"] for r in records(tmp_path / "b") if "train/loss" in r}
     assert [losses[i] for i in (4, 5, 6)] == [uninterrupted[i] for i in (4, 5, 6)]  # exactly equal
+
+    # an fp32 run's checkpoint (the same state dict) continues with bf16 parameters: its weights become the main ones
+    across = make_config(shared_cache, SMALL_TEST_SPLIT, *BF16)
+    across.resume = str(checkpoint.find_latest(tmp_path / "fp32"))
+    weights = checkpoint.load_rank(checkpoint.find_latest(tmp_path / "fp32"), 0)["model"]
+    main = build(across, tmp_path / "c").optimizer.main_state_dict()
+    assert all(torch.equal(main[name], weights[name]) for name in weights)
+
+
+def _train_sharded_and_resumed(root, cache):
+    """At dp=2 with bf16 parameters: the distributed optimizer for 6 iterations (checkpoints at 3 and 6), and
+    resumed from iteration 3; then the plain optimizer loads iteration 6 (each rank's fp32 main slice joined)."""
+    sharded = [SMALL_TEST_SPLIT, *BF16, *LAYOUT, "parallel.distributed_optimizer=true"]
+    train_losses(make_config(cache, *sharded), root / "sharded")
+    resumed = make_config(cache, *sharded)
+    resumed.resume = str(checkpoint.checkpoints_root(root / "sharded") / "iter_0000003")
+    train_losses(resumed, root / "resumed")
+    plain = make_config(cache, SMALL_TEST_SPLIT, *BF16, *LAYOUT)
+    plain.resume = str(checkpoint.find_latest(root / "sharded"))
+    loop = build(plain, root / "plain")
+    saved = checkpoint.load_rank(checkpoint.find_latest(root / "sharded"), state.current().rank)["model"]
+    main = loop.optimizer.main_state_dict()
+    assert {t.dtype for t in saved.values()} == {torch.float32}
+    assert all(torch.equal(main[name], saved[name]) for name in saved)
+    assert all(torch.equal(p, saved[name].bfloat16()) for name, p in loop.model.named_parameters())
+
+
+@pytest.mark.slow
+def test_the_distributed_optimizer_with_bf16_parameters_resumes_exactly_at_dp2(tmp_path, shared_cache):
+    run_on_ranks(2, _train_sharded_and_resumed, tmp_path, shared_cache, tp=1)
+    sharded = {r["iteration"]: r["train/loss"] for r in records(tmp_path / "sharded") if "train/loss" in r}
+    resumed = {r["iteration"]: r["train/loss"] for r in records(tmp_path / "resumed") if "train/loss" in r}
+    assert sorted(sharded) == list(range(1, 7))
+    assert [resumed[i] for i in (4, 5, 6)] == [sharded[i] for i in (4, 5, 6)]  # exactly equal
