@@ -130,6 +130,14 @@ def _main_gradients(model, optimizer) -> dict[str, torch.Tensor]:
     return {name: piece.view(shape) for (name, shape), piece in zip(optimizer.layout, pieces, strict=True)}
 
 
+@pytest.fixture
+def restores_default_dtype():
+    """For the checks run in this process: they set fp64 as the default dtype, which later tests must not see."""
+    dtype = torch.get_default_dtype()
+    yield
+    torch.set_default_dtype(dtype)
+
+
 @pytest.mark.parametrize(
     "arch, tp, pp, dp, micro_batches, distributed, sp",
     [
@@ -146,7 +154,7 @@ def _main_gradients(model, optimizer) -> dict[str, torch.Tensor]:
     ],
 )
 def test_main_weights_step_like_fp64_adamw_on_the_upcast_gradients_of_the_low_precision_model(
-    arch, tp, pp, dp, micro_batches, distributed, sp
+    arch, tp, pp, dp, micro_batches, distributed, sp, restores_default_dtype
 ):
     if tp * pp * dp == 1:
         _check_main_weights_match_the_reference(arch, micro_batches, distributed, sp)
@@ -156,7 +164,7 @@ def test_main_weights_step_like_fp64_adamw_on_the_upcast_gradients_of_the_low_pr
 
 
 @pytest.mark.parametrize("recompute", ["selective", "full"])
-def test_recomputed_layers_accumulate_into_the_main_gradients_alike(recompute):
+def test_recomputed_layers_accumulate_into_the_main_gradients_alike(recompute, restores_default_dtype):
     _check_main_weights_match_the_reference("gpt", 2, False, False, recompute)
 
 
