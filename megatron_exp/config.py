@@ -269,6 +269,10 @@ class HardwareConfig(Schema):
     backend: str = checked("auto", choices=("auto", "gloo", "nccl"))
     # fp32 | bf16 | fp16 (fp16 uses dynamic loss scaling); CPU: fp32
     precision: str = checked("auto", choices=("auto", "fp32", "bf16", "fp16"))
+    # the parameters' dtype: low = the precision's (bf16/fp16: 2 bytes each, the optimizer stepping fp32 main
+    # weights, 18 bytes per parameter in all), fp32 = fp32 parameters under autocast (16); auto: low on cuda with
+    # bf16/fp16, else fp32
+    params: str = checked("auto", choices=("auto", "fp32", "low"))
     # dense peak per device; None on CPU: the fp32 matmul ceiling, measured once per machine and kept in peak_cache
     peak_tflops: float | None = checked(None, above=0.0)
     peak_cache: str = "~/.cache/megatron-exp/cpu_peak.json"  # delete it to measure the CPU again

@@ -41,6 +41,12 @@ def autocast(precision: str, device: torch.device) -> Callable[[], AbstractConte
     return (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
 
 
+def parameter_dtype(hardware: HardwareConfig) -> torch.dtype | None:
+    """The dtype of the parameters with `hardware.params=low`: the precision's (the optimizer keeps fp32 main
+    weights, training/mixed_precision.py); None: they stay in the dtype they were built in."""
+    return AUTOCAST_DTYPES[hardware.precision] if hardware.params == "low" else None
+
+
 def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
@@ -157,6 +163,8 @@ def resolve(hw: HardwareConfig, workers_sharing_cpu: int, measure_peak: bool = T
     if values["name"] == "auto":
         values["name"] = detected.name
     resolved = HardwareConfig(**values)
+    if resolved.params == "auto":  # Megatron's choice on GPU: bf16/fp16 parameters with fp32 main weights
+        resolved.params = "low" if resolved.device == "cuda" and resolved.precision in AUTOCAST_DTYPES else "fp32"
     if resolved.device == "cpu":
         if resolved.memory_gb is None:
             resolved.memory_gb = cpu_memory_gb()

@@ -1,19 +1,20 @@
 """`python -m megatron_exp.plan [the same overrides as train]`: will this config fit, and what will it cost?
 
 Builds one rank's shard on the meta device (nothing allocated) and prints, per rank: parameters; memory for
-weights, gradients and Adam state (fp32: 4 + 4 + 8 bytes per parameter); activation memory at the configured
-micro batch for each `parallel.recompute` mode; FLOPs per iteration; and whether it fits the device.
+weights, gradients and optimizer state; activation memory at the configured micro batch for each
+`parallel.recompute` mode; FLOPs per iteration; and whether it fits the device.
 
-With `parallel.distributed_optimizer=true` each DP rank keeps 1/dp of Adam's moments: 4 + 4 + 8/dp bytes per
-parameter. The parameters are fp32 (autocast runs bf16/fp16), so they are their own main weights; Megatron's count
-on GPU, bf16 parameters with fp32 main gradients, main weights and moments, is 2 + 4 + (4 + 8)/dp = 6 + 12/dp
-(18 unsharded), which the mixed-precision change (bf16 parameters) will bring.
+The state (preflight.state_bytes_per_parameter): fp32 parameters (`hardware.params=fp32`, autocast running
+bf16/fp16) are their own main weights, 4 + 4 + 8 bytes per parameter; bf16/fp16 parameters (`hardware.params=low`,
+the default on GPU) are 2 bytes, with an fp32 main gradient, main weight and Adam's moments: 2 + 4 + 4 + 8 = 18
+(training/mixed_precision.py). With `parallel.distributed_optimizer=true` each DP rank keeps 1/dp of the moments
+and main weights: 4 + 4 + 8/dp, or 2 + 4 + 12/dp.
 
 Activations are what autograd keeps for backward in this implementation, measured and then written down here
 (tests/test_plan.py checks the estimate against a measurement at tp=1 and 2, with and without sequence
 parallelism, and at pp=2). Per layer, TP degree t, and r = 1/t with `parallel.sequence_parallel` (else 1), the
 share of the sequence a rank keeps of what lies outside the TP regions; in elements of the matmuls' dtype (P: of the
-parameters' and the residual stream's, fp32 here at every precision):
+parameters' and the residual stream's: fp32, or bf16/fp16 with `hardware.params=low`):
     b s h r x 2 (P)      layer input and the residual between attention and MLP (what the layernorms save)
   + b s h r x 2          the two layernorm outputs (the QKV and first MLP matmuls save only this rank's shard under
                          SP and gather it again in backward)
@@ -39,9 +40,9 @@ recomputation is s b h (10 + 24/t + 5 a s / (h t)) at TP degree t, and here s b 
 this is 34 s b h / t plus the row statistics, and with SP + selective exactly the paper's 34 s b h / t: selective
 recomputation saves almost nothing on GPU here, because there is almost nothing left for it to free. With full
 recomputation, 2 s b h per layer (2 s b h / t with SP, where each layer's input is a shard). All of these assume
-bf16 parameters, as Megatron has; ours are fp32 under autocast, which adds the fp32 residual's 4 s b h r, a 4-byte
-input with full recomputation, and the weights' bf16 copies, 24 h^2 / t bytes per layer and micro-batch in flight
-(for GPT-3 175B at tp=8, 453 MB a layer: the bf16 parameters of the mixed-precision change remove them).
+bf16 parameters, as Megatron has and `hardware.params=low` (the GPU default) gives; fp32 parameters under autocast
+add the fp32 residual's 4 s b h r, a 4-byte input with full recomputation, and the weights' bf16 copies, 24 h^2 / t
+bytes per layer and micro-batch in flight (for GPT-3 175B at tp=8, 453 MB a layer).
 
 The per-rank total is the step's peak, not a sum of everything: weights and Adam's state always, plus the largest of
   - the forward's end: every activation in flight, the output layer's logits (b s V/t) beside the loss's fp32
@@ -52,13 +53,16 @@ The per-rank total is the step's peak, not a sum of everything: weights and Adam
   - the backward through the lowest layer: the other micro-batches' activations in flight, that layer's and its
     recomputed set, and every gradient (at one micro-batch a step with full recomputation, usually the largest);
   - the optimizer step: the gradients (the fused AdamW allocates nothing more).
-The distributed optimizer's gradients live in one flat buffer for the whole run: they count as resident.
+The distributed optimizer's gradients and low-precision parameters' main gradients live in one flat buffer for the
+whole run: they count as resident (the bf16/fp16 gradient that backward makes first, the word embedding's, still
+lives until its hook adds it to its main gradient).
 In a pipeline, the stage with the largest total is reported (the first holds the most micro-batches in flight,
 the last the head and the tied embedding's copy). tests/test_plan.py checks this against the measured peak of
 real training steps (`measure_step_peak_bytes`): serial, tp=2 with and without SP, dp=2 with the distributed
-optimizer, and 1F1B at pp=2, each recompute mode (all within 2.5% of measured, most within 0.5%). A smaller
-stage can be overestimated by up to 15%: with as many micro-batches as stages, stage 0's in-flight peak comes
-before its first backward has made any gradient, which the forward's end counts when micro-batches accumulate.
+optimizer, 1F1B at pp=2, and bf16 parameters, each recompute mode (all within 2.5% of measured, most within 0.5%).
+A smaller stage can be overestimated by up to 15%: with as many micro-batches as stages, stage 0's in-flight peak
+comes before its first backward has made any gradient, which the forward's end counts when micro-batches
+accumulate.
 """
 
 from __future__ import annotations
@@ -79,10 +83,6 @@ from megatron_exp.parallel.sharding import padded_vocab_size
 from megatron_exp.training.flops import hardware_flops, model_flops
 
 log = logging.getLogger("megatron_exp.plan")
-
-# Parameters, and so the residual stream whose dtype they set, are fp32 at every precision here (autocast runs the
-# matmuls in bf16/fp16): the mixed-precision change (bf16 parameters) makes this follow the config.
-PARAMETER_BYTES = 4
 
 
 def _sizes(cfg: Config) -> tuple[int, int, int, int, int]:
@@ -105,6 +105,12 @@ def _mask_bytes(cfg: Config) -> float:
     return (4 if cfg.hardware.device != "cuda" else 1) * b * s * h * _sequence_share(cfg)
 
 
+def _parameter_bytes(cfg: Config) -> int:
+    """Bytes of a parameter, and so of the residual stream whose dtype they set: bf16/fp16 with
+    `hardware.params=low`, else fp32 (autocast then runs only the matmuls in bf16/fp16)."""
+    return 2 if cfg.hardware.params == "low" else 4
+
+
 def _element(cfg: Config) -> int:
     """Bytes of an element in the matmuls' dtype (autocast's under bf16/fp16)."""
     return 4 if cfg.hardware.precision in ("fp32", "auto") else 2
@@ -113,7 +119,7 @@ def _element(cfg: Config) -> int:
 def _weight_copies(cfg: Config, weights: float) -> float:
     """The low-precision copies of fp32 `weights` that autocast's matmuls save for backward, one per micro-batch
     (none where the parameters already have the matmuls' dtype)."""
-    return weights * _element(cfg) if _element(cfg) < PARAMETER_BYTES else 0
+    return weights * _element(cfg) if _element(cfg) < _parameter_bytes(cfg) else 0
 
 
 def _attention_core_bytes(cfg: Config) -> float:
@@ -130,8 +136,9 @@ def layer_activation_bytes(cfg: Config, recompute: str = "none") -> float:
     b, s, h, _, tp = _sizes(cfg)
     share, element = _sequence_share(cfg), _element(cfg)
     if recompute == "full":
-        return b * s * h * share * PARAMETER_BYTES
-    residual = b * s * h * share * (2 * PARAMETER_BYTES + 2 * element)  # input and mid residual; layernorm outputs
+        return b * s * h * share * _parameter_bytes(cfg)
+    # the layer input and mid residual (the parameters' dtype), the layernorm outputs (the matmuls')
+    residual = b * s * h * share * (2 * _parameter_bytes(cfg) + 2 * element)
     kept = residual + b * s * h * 12 / tp * element + 2 * _mask_bytes(cfg) + _weight_copies(cfg, 12 * h * h / tp)
     return kept if recompute == "selective" else kept + _attention_core_bytes(cfg)
 
@@ -150,11 +157,11 @@ def _stage_activations(cfg: Config, recompute: str, stage: int) -> tuple[float, 
     head = 0.0
     if part.head:  # the final layernorm's input and output, the loss's softmax
         vocab_part = padded_vocab_size(cfg.model.vocab_size, tp) / tp
-        head = b * s * h * _sequence_share(cfg) * (PARAMETER_BYTES + _element(cfg)) + b * s * vocab_part * 4
+        head = b * s * h * _sequence_share(cfg) * (_parameter_bytes(cfg) + _element(cfg)) + b * s * vocab_part * 4
         head += _weight_copies(cfg, vocab_part * h)  # the tied output layer's
     embeddings = _mask_bytes(cfg) if part.embeddings else 0  # the embedding's dropout
     # before the last stage, the chunk's output: the schedule keeps it to run backward from the next one's gradient
-    output = 0 if part.head else b * s * h * _sequence_share(cfg) * PARAMETER_BYTES
+    output = 0 if part.head else b * s * h * _sequence_share(cfg) * _parameter_bytes(cfg)
     one = len(part.layers) / len(part.chunks) * layer_activation_bytes(cfg, recompute) + head + embeddings + output
     in_flight = peak_in_flight(layout, cfg.parallel.schedule, preflight.micro_batches(cfg), stage)
     return one, head, in_flight
@@ -174,14 +181,15 @@ def step_peak_bytes(cfg: Config, per_rank: int, stage: int = 0) -> float:
     and Adam's state (the module docstring lists the candidates)."""
     b, s, h, _, tp = _sizes(cfg)
     mode, part = cfg.parallel.recompute, preflight.pipeline_layout(cfg).part(stage)
-    # the distributed optimizer's flat gradient buffer lives for the whole run: it is resident, not transient
-    grads = 0 if cfg.parallel.distributed_optimizer else per_rank * 4
+    # a flat gradient buffer (the distributed optimizer's, or main gradients) lives for the whole run: resident
+    low = cfg.hardware.params == "low"
+    grads = 0 if cfg.parallel.distributed_optimizer or low else per_rank * 4
     accumulated = grads if preflight.micro_batches(cfg) > 1 else 0
     one, head, in_flight = _stage_activations(cfg, mode, stage)
     kept, recomputed = in_flight * one, _recomputed_bytes(cfg, mode)
     vocab_part = padded_vocab_size(cfg.model.vocab_size, tp) / tp
     logits = b * s * vocab_part * _element(cfg) if part.head else 0
-    first_grad = vocab_part * h * 4 if part.head and grads else 0
+    first_grad = vocab_part * h * (2 if low else 4) if part.head and (grads or low) else 0
     forward_end = kept + logits + accumulated
     top_layer = kept + max(recomputed - head, 0) + (accumulated or first_grad)
     bottom_layer = kept - one + layer_activation_bytes(cfg, mode) + recomputed + grads
@@ -246,9 +254,11 @@ def estimate(cfg: Config) -> dict:
     par, m = cfg.parallel, cfg.model
     seq = cfg.data.seq_len or m.seq_len
     vocab = padded_vocab_size(m.vocab_size, par.tp)
-    # weights and Adam's state, and with the distributed optimizer its gradient buffer
-    resident_bytes = preflight.state_bytes_per_parameter(cfg) - (0 if par.distributed_optimizer else 4)
-    shards = par.dp if par.distributed_optimizer else 1  # Adam's moments split over DP
+    # weights and optimizer state, and a flat gradient buffer (distributed optimizer, main gradients)
+    low = cfg.hardware.params == "low"
+    freed = 0 if par.distributed_optimizer or low else 4  # the plain optimizer's fp32 gradients, freed each step
+    resident_bytes = preflight.state_bytes_per_parameter(cfg) - freed
+    shards = par.dp if par.distributed_optimizer else 1  # Adam's moments (and main weights) split over DP
     peaks = [n * resident_bytes + step_peak_bytes(cfg, n, stage) for stage, n in enumerate(stage_parameters)]
     # the stage that needs the most: the first holds the most micro-batches in flight, the last the head
     stage = max(range(par.pp), key=peaks.__getitem__)
@@ -258,9 +268,9 @@ def estimate(cfg: Config) -> dict:
     return {
         "parameters_total": total,
         "parameters_per_rank": per_rank,
-        "weights_gb": per_rank * 4 / 1e9,
-        "gradients_gb": per_rank * 4 / 1e9,
-        "optimizer_gb": per_rank * 8 / shards / 1e9,
+        "weights_gb": per_rank * (2 if low else 4) / 1e9,
+        "gradients_gb": per_rank * 4 / 1e9,  # fp32: the gradients, or the main gradients
+        "optimizer_gb": per_rank * ((4 if low else 0) + 8) / shards / 1e9,  # main weights, Adam's moments
         "activations_gb": activations["none"] / 1e9,
         "activations_selective_gb": activations["selective"] / 1e9,
         "activations_full_gb": activations["full"] / 1e9,
@@ -279,12 +289,16 @@ def report(cfg: Config, plan: dict) -> str:
     stage = f", stage {plan['largest_stage']} (the largest)" if par.pp > 1 else ""
     fits = {None: "unknown (no device memory given)", True: "yes", False: "NO"}[plan["fits"]]
     sharded = f" / dp={par.dp}" if par.distributed_optimizer else ""  # the distributed optimizer
+    low = cfg.hardware.params == "low"
     rows = [
         ("parameters (whole model)", f"{plan['parameters_total'] / 1e9:.3f}B"),
         ("parameters per rank", f"{plan['parameters_per_rank'] / 1e9:.3f}B"),
-        ("weights (fp32)", f"{plan['weights_gb']:.2f} GB"),
-        ("gradients (fp32)", f"{plan['gradients_gb']:.2f} GB"),
-        (f"Adam state (2 x fp32{sharded})", f"{plan['optimizer_gb']:.2f} GB"),
+        (f"weights ({cfg.hardware.precision if low else 'fp32'})", f"{plan['weights_gb']:.2f} GB"),
+        ("main gradients (fp32)" if low else "gradients (fp32)", f"{plan['gradients_gb']:.2f} GB"),
+        (
+            f"main weights + Adam state (3 x fp32{sharded})" if low else f"Adam state (2 x fp32{sharded})",
+            f"{plan['optimizer_gb']:.2f} GB",
+        ),
         (f"activations, micro batch {par.micro_batch}{stage}", f"{plan['activations_gb']:.2f} GB"),
         ("activations, recompute=selective", f"{plan['activations_selective_gb']:.2f} GB"),
         ("activations, recompute=full", f"{plan['activations_full_gb']:.2f} GB"),

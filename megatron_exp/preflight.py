@@ -1,8 +1,9 @@
 """Everything checked before a worker starts: fill in derived values, then fail fast with one clear line.
 
 Each ConfigError names the key at fault and a fix. The memory check counts one rank's parameters on the meta
-device (nothing is allocated) at 16 bytes each: fp32 weights, gradients, and Adam's two moments (8 + 8 / dp with
-the distributed optimizer, which shards the moments over DP).
+device (nothing is allocated) at `state_bytes_per_parameter`: 16 bytes each with fp32 parameters (weights,
+gradients, Adam's two moments), 18 with bf16/fp16 ones (fp32 main gradients and main weights besides); the
+distributed optimizer shards the moments and main weights over DP.
 """
 
 from __future__ import annotations
@@ -22,13 +23,16 @@ from megatron_exp.parallel.sharding import ShardSpec
 
 log = logging.getLogger(__name__)
 
-BYTES_PER_PARAMETER = 16  # fp32 weight + fp32 gradient + Adam exp_avg + exp_avg_sq
-
 
 def state_bytes_per_parameter(cfg: Config) -> float:
-    """Weights, gradients and Adam's state per parameter of a rank: 4 + 4 + 8, the 8 of Adam's two fp32 moments
-    divided by dp with the distributed optimizer (the weights are fp32 here, so they are their own main weights)."""
-    return BYTES_PER_PARAMETER - 8 + (8 / cfg.parallel.dp if cfg.parallel.distributed_optimizer else 8)
+    """Weights, gradients and optimizer state per parameter of a rank. fp32 parameters (their own main weights):
+    4 (weight) + 4 (gradient) + 8 (Adam's two fp32 moments) = 16. Low-precision ones (hardware.params=low):
+    2 (bf16/fp16 weight) + 4 (fp32 main gradient) + 4 (fp32 main weight) + 8 = 18. The distributed optimizer
+    divides what it keeps per slice, the moments and any main weights, by dp: 8 + 8/dp, or 6 + 12/dp."""
+    shards = cfg.parallel.dp if cfg.parallel.distributed_optimizer else 1
+    if cfg.hardware.params == "low":
+        return 2 + 4 + (4 + 8) / shards
+    return 4 + 4 + 8 / shards
 
 
 def resolve(composed: Config, world_size: int | None = None, measure_peak: bool = True) -> Config:
@@ -118,6 +122,11 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError(problem)
     if hw.precision not in ("fp32", "bf16", "fp16"):
         raise ConfigError(f"hardware.precision={hw.precision} is unknown: fp32, bf16 or fp16")
+    if hw.params == "low" and hw.precision == "fp32":
+        raise ConfigError(
+            "hardware.params=low keeps the parameters in the compute precision, but hardware.precision=fp32: set "
+            "hardware.precision=bf16 (or fp16), or hardware.params=fp32"
+        )
 
     workers = par.tp * par.dp * par.pp
     if world_size is not None and world_size != workers:

@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from megatron_exp import hardware
 from megatron_exp.config import HardwareConfig
@@ -37,8 +38,28 @@ def test_the_cpu_peak_is_measured_once_per_machine_and_reused(monkeypatch, tmp_p
 
 
 def test_explicit_values_are_kept():
-    hw = HardwareConfig(name="cpu", device="cpu", backend="gloo", precision="fp32", peak_tflops=2.0, memory_gb=8)
+    hw = HardwareConfig(
+        name="cpu", device="cpu", backend="gloo", precision="fp32", params="fp32", peak_tflops=2.0, memory_gb=8
+    )
     assert hardware.resolve(hw, workers_sharing_cpu=2) == hw
+
+
+@pytest.mark.parametrize(
+    "device, precision, params, resolved, dtype",
+    [
+        ("cuda", "bf16", "auto", "low", torch.bfloat16),  # Megatron's default on GPU: fp32 main weights
+        ("cuda", "fp16", "auto", "low", torch.float16),
+        ("cuda", "bf16", "fp32", "fp32", None),  # fp32 parameters under autocast
+        ("cuda", "fp32", "auto", "fp32", None),
+        ("cpu", "bf16", "auto", "fp32", None),
+        ("cpu", "bf16", "low", "low", torch.bfloat16),
+    ],
+)
+def test_parameters_take_the_precisions_dtype_on_gpu_unless_asked_otherwise(device, precision, params, resolved, dtype):
+    hw = HardwareConfig(name="x", device=device, backend="gloo", precision=precision, params=params, peak_tflops=1.0,
+                        memory_gb=8, devices_per_node=1)  # fmt: skip
+    hw = hardware.resolve(hw, workers_sharing_cpu=1)
+    assert hw.params == resolved and hardware.parameter_dtype(hw) == dtype
 
 
 def test_the_matmul_probe_measures_something():

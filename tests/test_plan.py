@@ -5,7 +5,6 @@ import json
 import subprocess
 import sys
 import tempfile
-from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ import torch.distributed as dist
 
 from megatron_exp import preflight
 from megatron_exp.config import RECOMPUTE_MODES
-from megatron_exp.hardware import autocast
+from megatron_exp.hardware import autocast, parameter_dtype
 from megatron_exp.models.contract import Batch
 from megatron_exp.models.gpt import GPTModel
 from megatron_exp.parallel import random, state
@@ -28,6 +27,7 @@ from megatron_exp.plan import (
 )
 from megatron_exp.training.distributed_optimizer import DistributedOptimizer
 from megatron_exp.training.grad_sync import GradientSync
+from megatron_exp.training.mixed_precision import MainWeightsOptimizer
 from megatron_exp.training.optim import build_optimizer, optimizer_step
 from megatron_exp.training.schedule import MicroBatches, Pipeline
 from tests.conftest import CONF_DIR, compose_config
@@ -48,8 +48,8 @@ def test_gpt_8b_at_tp8_counts_and_state_memory_by_hand():
     replicated = l * (4 * h + 2 * h) + 2 * h + 1024 * h
     assert plan["parameters_per_rank"] == (plan["parameters_total"] - replicated) // 8 + replicated
     assert plan["weights_gb"] + plan["gradients_gb"] + plan["optimizer_gb"] == pytest.approx(
-        plan["parameters_per_rank"] * 16 / 1e9
-    )
+        plan["parameters_per_rank"] * 18 / 1e9
+    )  # fp16 parameters with fp32 main gradients, main weights and Adam's moments
     assert plan["fits"] is False  # 8-way TP alone does not fit a 32 GB V100 at micro batch 8 ...
     recompute = estimate(
         _resolved(
@@ -67,6 +67,7 @@ def test_gpt_8b_at_tp8_counts_and_state_memory_by_hand():
 
 def test_the_distributed_optimizer_keeps_1_over_dp_of_adams_state_per_rank():
     common = ["model=gpt_8b", "parallel.tp=8", "parallel.dp=4", "data/tokenizer=gpt2", "hardware=a100"]
+    common.append("hardware.params=fp32")  # fp32 parameters under autocast: their own main weights
     plain = estimate(_resolved(common))
     cfg = _resolved([*common, "parallel.distributed_optimizer=true"])
     sharded = estimate(cfg)
@@ -86,29 +87,56 @@ MEMORY_OPTIONS = [
 ]  # fmt: skip
 
 
+@pytest.mark.parametrize("params", ["low", "fp32"])
 @pytest.mark.parametrize("sp", [False, True])
-def test_a_layer_keeps_korthikantis_activations_less_the_attention_scores_plus_what_fp32_weights_add(sp):
+def test_a_layer_keeps_korthikantis_activations_less_the_attention_scores(sp, params):
     """Korthikanti et al.'s per-layer counts (bf16, 1-byte dropout masks) less the 5 a s / h of scores that the fused
     attention never keeps: s b h (10 + 24/t) with TP alone and with selective recomputation, 34 s b h / t with
-    sequence parallelism and selective recomputation (selective frees only the softmax's row statistics here). Our
-    parameters are fp32 under autocast, which adds per layer the bf16 copies of its weights (2 x 12 h^2 / t) and the
-    fp32 residual stream: 2 more bytes on its two saved tensors (4 s b h r), and a 4-byte input with full
-    recomputation (the paper: 2 s b h)."""
-    cfg = _resolved([*GPT_175B, f"parallel.sequence_parallel={sp}"])
+    sequence parallelism and selective recomputation (selective frees only the softmax's row statistics here), and
+    2 s b h r with full recomputation: exactly, with bf16 parameters (hardware.params=low). fp32 parameters under
+    autocast add per layer the bf16 copies of its weights (2 x 12 h^2 / t) and the fp32 residual stream: 2 more bytes
+    on its two saved tensors (4 s b h r), and a 4-byte input with full recomputation."""
+    cfg = _resolved([*GPT_175B, f"parallel.sequence_parallel={sp}", f"hardware.params={params}"])
     b, s, h, t = cfg.parallel.micro_batch, cfg.data.seq_len, cfg.model.hidden, 8
     r = 1 / t if sp else 1  # the sequence share of what lies outside the TP regions
     paper = 34 * s * b * h / t if sp else s * b * h * (10 + 24 / t)
-    fp32_parameters = 2 * 12 * h * h / t + 4 * s * b * h * r
+    fp32_parameters = 2 * 12 * h * h / t + 4 * s * b * h * r if params == "fp32" else 0
     row_statistics = b * (cfg.model.heads / t) * s * 4
     assert layer_activation_bytes(cfg, "selective") == pytest.approx(paper + fp32_parameters)
     assert layer_activation_bytes(cfg, "none") == pytest.approx(paper + fp32_parameters + row_statistics)
-    assert layer_activation_bytes(cfg, "full") == pytest.approx(4 * s * b * h * r)
+    assert layer_activation_bytes(cfg, "full") == pytest.approx((4 if params == "fp32" else 2) * s * b * h * r)
 
 
 def test_gpt_175b_at_tp8_pp8_fits_an_a100_with_sequence_parallelism_and_selective_recomputation_not_without():
     """`plan` as README shows it: one micro-batch of 8 a step, each stage holding one in flight."""
     assert estimate(_resolved([*GPT_175B, *MEMORY_OPTIONS]))["fits"] is True
     assert estimate(_resolved(GPT_175B))["fits"] is False
+
+
+def test_low_precision_parameters_cost_18_bytes_and_6_plus_12_over_dp_with_the_distributed_optimizer():
+    common = ["model=gpt_8b", "parallel.tp=8", "parallel.dp=4", "data/tokenizer=gpt2", "hardware=a100"]
+    cfg = _resolved(common)  # on a GPU at bf16, hardware.params=auto is low
+    plain = estimate(cfg)
+    per_rank = plain["parameters_per_rank"]
+    assert cfg.hardware.params == "low" and preflight.state_bytes_per_parameter(cfg) == 2 + 4 + 4 + 8
+    assert (plain["weights_gb"], plain["gradients_gb"], plain["optimizer_gb"]) == pytest.approx(
+        (per_rank * 2 / 1e9, per_rank * 4 / 1e9, per_rank * (4 + 8) / 1e9)
+    )  # bf16 weights; fp32 main gradients; fp32 main weights and Adam's two moments
+    text = report(cfg, plain)
+    assert "weights (bf16)" in text and "main gradients (fp32)" in text
+    assert "main weights + Adam state (3 x fp32)" in text
+    sharded_cfg = _resolved([*common, "parallel.distributed_optimizer=true"])
+    sharded = estimate(sharded_cfg)
+    assert preflight.state_bytes_per_parameter(sharded_cfg) == 6 + 12 / 4
+    assert sharded["optimizer_gb"] == pytest.approx(per_rank * 12 / 4 / 1e9)
+    # the main gradients are resident in both: the distributed optimizer saves 9 of the main weights' and moments' 12
+    assert plain["total_gb"] - sharded["total_gb"] == pytest.approx(per_rank * (12 - 3) / 1e9)
+    assert "main weights + Adam state (3 x fp32 / dp=4)" in report(sharded_cfg, sharded)
+    fp32 = estimate(_resolved([*common, "hardware.params=fp32"]))
+    state_gb = [sum(plan[k] for k in ("weights_gb", "gradients_gb", "optimizer_gb")) for plan in (plain, fp32)]
+    assert state_gb[0] - state_gb[1] == pytest.approx(per_rank * (18 - 16) / 1e9)  # 2 bytes more per parameter
+    # ... but fp32 parameters keep more activations under autocast: an fp32 residual, the weights' bf16 copies
+    assert fp32["activations_gb"] > plain["activations_gb"]
 
 
 def test_pipeline_stages_count_their_layers_the_micro_batches_in_flight_and_their_ends():
@@ -232,28 +260,28 @@ def test_the_entry_point_prints_the_plan(tmp_path):
 
 
 def _measured_step_peak(cfg) -> int:
-    """The peak of a real training step on this rank, built as the trainer builds it (its stage's part of the model,
-    sequence parallelism, the plain or the distributed optimizer) and run as the loop runs it: the schedule's
-    forward and backward passes (micro-batches in turn, or the pipeline's 1F1B), the gradient sync, the clip and the
-    fused AdamW step; measured after a first step has made Adam's state."""
+    """The peak of a real training step on this rank, built as the trainer builds it (its stage's part of the
+    model, sequence parallelism, the plain or the distributed optimizer, fp32 main weights for bf16 parameters) and
+    run as the loop runs it: the schedule's forward and backward passes (micro-batches in turn, or the pipeline's
+    1F1B), the gradient sync, the clip and the fused AdamW step; measured after a first step has made Adam's
+    state."""
     grid, par = state.current(), cfg.parallel
     random.seed(0, grid.tp.rank, stage=grid.pp.rank)
     layout = preflight.pipeline_layout(cfg)
     model = GPTModel(cfg.model, recompute=par.recompute, part=layout.part(grid.pp.rank),
                      sequence_parallel=par.sequence_parallel)  # fmt: skip
-    parameters = list(model.parameters())
-    if par.distributed_optimizer:
-        optimizer = DistributedOptimizer(model, cfg.optimizer, grid)
-        sync, adam = GradientSync(model, grid, optimizer.grads), optimizer.optimizer
-        update = functools.partial(optimizer.step, cfg.optimizer.clip_grad)
+    parameters, low = list(model.parameters()), parameter_dtype(cfg.hardware)
+    if par.distributed_optimizer or low:
+        build = DistributedOptimizer if par.distributed_optimizer else MainWeightsOptimizer
+        optimizer = build(model, cfg.optimizer, grid, low)
+        sync = GradientSync(model, grid, flat=optimizer.grads if par.distributed_optimizer else None)
+        adam, update = optimizer.optimizer, functools.partial(optimizer.step, cfg.optimizer.clip_grad)
     else:
         optimizer = adam = build_optimizer(model, cfg.optimizer)
         sync = GradientSync(model, grid)
         update = functools.partial(optimizer_step, optimizer, parameters, cfg.optimizer.clip_grad, grid)
-    if par.pp > 1:
-        schedule = Pipeline(model, grid, layout, par.schedule, nullcontext)
-    else:
-        schedule = MicroBatches(model, nullcontext)
+    cast = autocast(cfg.hardware.precision, model.device)
+    schedule = Pipeline(model, grid, layout, par.schedule, cast) if par.pp > 1 else MicroBatches(model, cast)
     shape = (preflight.micro_batches(cfg), par.micro_batch, cfg.data.seq_len + 1)
     tokens = torch.randint(0, cfg.model.vocab_size, shape, generator=torch.Generator().manual_seed(0))
     batches = [Batch({"tokens": t[:, :-1]}, {"targets": t[:, 1:]}) for t in tokens]
@@ -265,8 +293,8 @@ def _measured_step_peak(cfg) -> int:
 
     step()
     resident = [*parameters, *(t for s in adam.state.values() for t in s.values() if t.dim())]
-    if par.distributed_optimizer:
-        resident.append(optimizer.grads)
+    if par.distributed_optimizer or low:  # the flat gradient buffer; fp32 main weights (views of fp32 parameters)
+        resident += [optimizer.grads, *optimizer.main]
     return measure_step_peak_bytes(step, resident)
 
 
@@ -286,8 +314,13 @@ def _check_peak(cfg):
     assert estimate(cfg)["total_gb"] * 1e9 == pytest.approx(max(every_rank), rel=0.10)
 
 
-def test_the_predicted_peak_with_the_distributed_optimizer_is_within_10_percent_at_dp2():
-    cfg = _mini(0.0, "parallel.dp=2", "parallel.distributed_optimizer=true", "parallel.global_batch=8")
+BF16_PARAMETERS = ["hardware.precision=bf16", "hardware.params=low"]  # fp32 main gradients and main weights
+
+
+@pytest.mark.parametrize("params", ["fp32", pytest.param("low", marks=pytest.mark.slow)])
+def test_the_predicted_peak_with_the_distributed_optimizer_is_within_10_percent_at_dp2(params):
+    low = BF16_PARAMETERS if params == "low" else []  # then each rank keeps fp32 main weights of its slice
+    cfg = _mini(0.0, "parallel.dp=2", "parallel.distributed_optimizer=true", "parallel.global_batch=8", *low)
     run_on_ranks(2, _check_peak, cfg, tp=1)
 
 
@@ -324,3 +357,11 @@ def test_at_pp2_the_predicted_peak_of_the_largest_stage_is_within_10_percent_of_
     peaks, plan = _pp2_step_peaks()[recompute], estimate(cfg)
     assert plan["total_gb"] * 1e9 == pytest.approx(max(peaks), rel=0.10)
     assert plan["largest_stage"] == peaks.index(max(peaks))
+
+
+@pytest.mark.parametrize(
+    "recompute, accumulate", [("full", 1), pytest.param("none", 2, marks=pytest.mark.slow)]
+)  # fmt: skip
+def test_the_predicted_peak_with_bf16_parameters_and_fp32_main_weights_is_within_10_percent(recompute, accumulate):
+    cfg = _mini(0.0, *BF16_PARAMETERS, f"parallel.recompute={recompute}", f"parallel.global_batch={accumulate * 4}")
+    assert estimate(cfg)["total_gb"] * 1e9 == pytest.approx(_measured_step_peak(cfg), rel=0.10)

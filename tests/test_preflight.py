@@ -50,6 +50,9 @@ def test_derived_values_are_filled():
         (["parallel.tp=4", "parallel.sequence_parallel=true", "data.seq_len=250"], None,
          r"^data.seq_len=250 is not divisible by parallel.tp=4, which parallel.sequence_parallel=true splits each "
          r"sequence over: set data.seq_len=248 or 252, or parallel.sequence_parallel=false$"),
+        (["hardware.params=low"], None,
+         r"^hardware.params=low keeps the parameters in the compute precision, but hardware.precision=fp32: set "
+         r"hardware.precision=bf16 \(or fp16\), or hardware.params=fp32$"),
     ],
 )  # fmt: skip
 def test_each_invalid_config_fails_with_one_line_naming_the_key(overrides, world_size, message):
@@ -71,10 +74,14 @@ def test_gpu_memory_is_checked_per_device(monkeypatch):
     monkeypatch.setattr(preflight.torch.cuda, "device_count", lambda: 8)
     cfg = compose_config(["model=gpt_8b", "hardware=v100", "parallel.tp=1"])
     cfg = preflight.resolve(cfg)
-    with pytest.raises(ConfigError, match=r"~133 GB .* each v100 GPU has 32 GB"):
+    # fp16 parameters with fp32 main gradients and weights (hardware.params=auto is low on a GPU): 18 bytes each
+    with pytest.raises(ConfigError, match=r"~150 GB .* x 18 bytes; .* each v100 GPU has 32 GB"):
         preflight.validate(cfg)
-    cfg.parallel.tp = 8  # the paper's answer: 8-way TP puts ~16.6 GB of state on each 32 GB V100
+    cfg.parallel.tp = 8  # the paper's answer: 8-way TP puts ~18.7 GB of state on each 32 GB V100
     preflight.validate(cfg)
+    cfg.parallel.tp, cfg.hardware.params = 1, "fp32"  # fp32 parameters under autocast: 16 bytes
+    with pytest.raises(ConfigError, match=r"~133 GB .* x 16 bytes; .* each v100 GPU has 32 GB"):
+        preflight.validate(cfg)
 
 
 def test_more_workers_than_gpus_is_an_error(monkeypatch):

@@ -13,10 +13,11 @@ plain optimizer's order), padded to a multiple of dp; DP rank r owns the r-th co
 
 Parameters and gradients are views into the flat buffers, so backward accumulates into the gradient buffer in
 place, the reduce-scatter writes each rank's slice in place (NCCL documents this in-place form; gloo computes it
-the same, tested) and the all-gather writes the parameters directly: no copies, no second gradient buffer. The
-slice's main weights are views of the parameter buffer, as the parameters are fp32 (autocast runs the lower
-precisions). Parameters kept in bf16/fp16 would give `main` fp32 copies of the slice, stepped here and cast into
-the buffer before the all-gather; the rest is unchanged.
+the same, tested) and the all-gather writes the parameters directly: no copies, no second gradient buffer. With
+fp32 parameters the slice's main weights are views of the parameter buffer: 4 + 4 + 8/dp bytes per parameter.
+With low-precision parameters (`dtype`, training/mixed_precision.py) the parameter buffer is bf16/fp16, the
+gradient buffer stays fp32 (main gradients, which backward hooks accumulate into), and `main` holds fp32 copies
+of the slice, stepped here and cast into the parameter buffer before the all-gather: 2 + 4 + 12/dp bytes.
 
 A rank's checkpoint holds its slice's moments with the flat layout (every parameter's name and shape, the slice's
 range), so `merged_state` joins the slices of any DP degree into the plain AdamW state of one (stage, TP rank)
@@ -36,6 +37,7 @@ from megatron_exp.config import OptimizerConfig
 from megatron_exp.parallel.mappings import all_reduce_
 from megatron_exp.parallel.state import ProcessGrid
 from megatron_exp.training import checkpoint
+from megatron_exp.training.mixed_precision import accumulate_in_main_grad, state_with_main_weights
 from megatron_exp.training.optim import DynamicLossScaler, decayed, squared_norm
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -47,8 +49,10 @@ def is_shard(state: dict) -> bool:
 
 
 class DistributedOptimizer:
-    def __init__(self, model: nn.Module, cfg: OptimizerConfig, grid: ProcessGrid):
-        self.grid = grid
+    def __init__(self, model: nn.Module, cfg: OptimizerConfig, grid: ProcessGrid, dtype: torch.dtype | None = None):
+        """`dtype`: the parameters' dtype where it is lower than the one the model was built in (which the
+        gradient buffer and the main weights keep); None: the parameters are their own main weights."""
+        self.model, self.grid = model, grid
         named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         named = [(n, p) for n, p in named if decayed(p)] + [(n, p) for n, p in named if not decayed(p)]
         self.layout = [[name, list(p.shape)] for name, p in named]  # the flat order, saved with every slice
@@ -59,40 +63,46 @@ class DistributedOptimizer:
             )
         self.numel = sum(p.numel() for _, p in named)
         self.slice_numel = math.ceil(self.numel / grid.dp.size)
-        self.params = torch.zeros(self.slice_numel * grid.dp.size, dtype=dtypes.pop(), device=named[0][1].device)
+        padding = named[0][1].new_zeros(self.slice_numel * grid.dp.size - self.numel)
+        self.params = torch.cat([*(p.detach().reshape(-1) for _, p in named), padding])
         self.grads = torch.zeros_like(self.params)
-        offset = 0
-        with torch.no_grad():
-            for _, p in named:
-                view = self.params[offset : offset + p.numel()].view_as(p)
-                view.copy_(p)
-                p.data = view  # the module keeps its Parameter; its storage is now the buffer's
-                p.grad = self.grads[offset : offset + p.numel()].view_as(p)
-                offset += p.numel()
         self.start = grid.dp.rank * self.slice_numel
         self.end = min(self.start + self.slice_numel, self.numel)  # the last slice may end in padding
+        self.cast = dtype is not None and dtype != self.params.dtype
 
         # Main weights: the slice cut at the boundary between decayed and not decayed parameters (a piece may be
-        # empty: the slice is then one group's).
+        # empty: the slice is then one group's); copies where the parameters are cast, else views.
         self.decayed = sum(decayed(p) for _, p in named)
         boundary = sum(p.numel() for _, p in named if decayed(p))
-        self.main, groups = [], []
+        self.main, self.ranges, groups = [], [], []
         for (lo, hi), weight_decay in (((self.start, min(self.end, boundary)), cfg.weight_decay),
                                        ((max(self.start, boundary), self.end), 0.0)):  # fmt: skip
-            pieces = [self.params[lo:hi]] if lo < hi else []
+            pieces = [self.params[lo:hi].clone() if self.cast else self.params[lo:hi]] if lo < hi else []
             for piece in pieces:
                 piece.grad = self.grads[lo:hi]
+                self.ranges.append((lo, hi))
             self.main += pieces
             groups.append({"params": pieces, "weight_decay": weight_decay})
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True)
+        if self.cast:
+            self.params = self.params.to(dtype)
 
-        # Each parameter's part of the slice, for the norm (its parameter says whether and where it counts).
+        # The module keeps its Parameters; their storage is now the buffer's, and their gradients (or main
+        # gradients) the gradient buffer's. Each parameter's part of the slice, for the norm (its parameter says
+        # whether and where it counts).
         self.norm_pieces, offset = [], 0
-        for _, p in named:
-            lo, hi = max(offset, self.start), min(offset + p.numel(), self.end)
-            if lo < hi:
-                self.norm_pieces.append((p, self.grads[lo:hi]))
-            offset += p.numel()
+        with torch.no_grad():
+            for _, p in named:
+                p.data = self.params[offset : offset + p.numel()].view_as(p)
+                grad = self.grads[offset : offset + p.numel()].view_as(p)
+                if self.cast:
+                    accumulate_in_main_grad(p, grad)
+                else:
+                    p.grad = grad
+                lo, hi = max(offset, self.start), min(offset + p.numel(), self.end)
+                if lo < hi:
+                    self.norm_pieces.append((p, self.grads[lo:hi]))
+                offset += p.numel()
 
     @property
     def param_groups(self) -> list[dict]:
@@ -100,9 +110,10 @@ class DistributedOptimizer:
         return self.optimizer.param_groups
 
     def step(self, clip_grad: float, scaler: DynamicLossScaler | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """After GradientSync(model, grid, optimizer.grads): unscale (fp16), clip, step the slice, all-gather,
-        zero the gradients. Returns what optim.optimizer_step does: the global gradient norm (0.0 for a skipped
-        step) and 1.0 where an fp16 overflow skipped the step, else 0.0, both on the device."""
+        """After GradientSync(model, grid, optimizer.grads): unscale (fp16), clip, step the slice (cast into the
+        parameters where they are low-precision), all-gather, zero the gradients. Returns what
+        optim.optimizer_step does: the global gradient norm (0.0 for a skipped step) and 1.0 where an fp16
+        overflow skipped the step, else 0.0, both on the device."""
         dp = self.grid.dp
         skipped = scaler.unscale_(self.main) if scaler else torch.zeros((), device=self.params.device)
         squares = squared_norm(self.norm_pieces, self.grid)
@@ -113,6 +124,9 @@ class DistributedOptimizer:
             scaler.step(self.optimizer, skipped)
         else:
             self.optimizer.step()
+        if self.cast:
+            for piece, (lo, hi) in zip(self.main, self.ranges, strict=True):
+                self.params[lo:hi].copy_(piece)
         if dp.size > 1:
             dist.all_gather_single(
                 self.params, self.params[self.start : self.start + self.slice_numel], group=dp.handle
@@ -121,6 +135,30 @@ class DistributedOptimizer:
         return torch.where(skipped > 0, 0.0, norm), skipped
 
     # --- checkpoints -------------------------------------------------------------------------------------------
+
+    def main_state_dict(self) -> dict:
+        """The model's state dict with the main weights for its parameters (what a checkpoint saves): every DP
+        rank's slice of them, all-gathered (a collective: every DP rank calls it)."""
+        dp = self.grid.dp
+        own = self.main[0].new_zeros(self.slice_numel)
+        own[: self.end - self.start] = torch.cat([piece.detach() for piece in self.main])
+        flat = own.new_empty(self.slice_numel * dp.size)
+        if dp.size > 1:
+            dist.all_gather_single(flat, own, group=dp.handle)
+        else:
+            flat.copy_(own)
+        sizes = [math.prod(shape) for _, shape in self.layout]
+        pieces = flat[: self.numel].split(sizes)
+        main = {name: piece.view(shape) for (name, shape), piece in zip(self.layout, pieces, strict=True)}
+        return state_with_main_weights(self.model, main)
+
+    def load_main_weights(self, state: dict) -> None:
+        """Set this rank's slice of the main weights from a model state dict (the parameters were loaded from it:
+        they are its cast)."""
+        flat = torch.cat([state[name].reshape(-1) for name, _ in self.layout])
+        with torch.no_grad():
+            for piece, (lo, hi) in zip(self.main, self.ranges, strict=True):
+                piece.copy_(flat[lo:hi])
 
     def state_dict(self) -> dict:
         """This rank's slice: its moments as flat tensors over `flat_range`, the step count, the groups'

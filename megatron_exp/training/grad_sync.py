@@ -11,6 +11,8 @@
   group sums them first, so the replicas stay equal and the gradient norm (which counts a replicated parameter
   once) and the DP reduction see whole gradients.
 
+With low-precision parameters (training/mixed_precision.py) every reduction acts on the fp32 main gradients.
+
 The schedule runs all micro-batches first (a pipeline's last backward differs per stage), so the reduction comes
 after, not overlapped with, backward.
 """
@@ -24,6 +26,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from megatron_exp.parallel.sharding import is_sequence_parallel
 from megatron_exp.parallel.state import ProcessGrid
+from megatron_exp.training.mixed_precision import gradient
 
 BUCKET_BYTES = 25 * 2**20
 
@@ -54,8 +57,9 @@ class GradientSync:
             self._reduce_scatter_over_dp()
 
     def _sum_embedding(self) -> None:
-        if self.embedding is not None and self.embedding.grad is not None:
-            dist.all_reduce(self.embedding.grad, group=self.grid.embedding)
+        grad = None if self.embedding is None else gradient(self.embedding)
+        if grad is not None:
+            dist.all_reduce(grad, group=self.grid.embedding)
 
     def _reduce_scatter_over_dp(self) -> None:
         dp = self.grid.dp
@@ -85,14 +89,14 @@ def _all_reduce_bucket(bucket: list[torch.Tensor], group: dist.ProcessGroup, div
 
 
 def _buckets(parameters: list[nn.Parameter]) -> list[list[torch.Tensor]]:
-    """The parameters' gradients in groups of up to BUCKET_BYTES of one dtype."""
+    """The parameters' gradients (main gradients where they have them) in groups of up to BUCKET_BYTES of one dtype."""
     buckets, current, size = [], [], 0
-    for p in parameters:
-        if p.grad is None:
+    for grad in map(gradient, parameters):
+        if grad is None:
             continue
-        if current and (size + p.grad.nbytes > BUCKET_BYTES or p.grad.dtype != current[0].dtype):
+        if current and (size + grad.nbytes > BUCKET_BYTES or grad.dtype != current[0].dtype):
             buckets.append(current)
             current, size = [], 0
-        current.append(p.grad)
-        size += p.grad.nbytes
+        current.append(grad)
+        size += grad.nbytes
     return [*buckets, current] if current else buckets

@@ -2,9 +2,10 @@
 
 A `Work` supplies the model, its micro-batches for each iteration, its evaluation and what one iteration costs;
 the loop does the rest: the learning-rate schedule, the step as a schedule over micro-batches, clipping, fp16 loss
-scaling and the optimizer step, the metrics record (loss, ppl, tokens/s, TFLOP/s, MFU/HFU, memory) every
-`log_interval` iterations, evaluation and checkpoints at their cadence, and exact resume. Metrics go out from
-global rank 0; the device is read only when a record is written.
+scaling and the optimizer step (on fp32 main weights where the parameters are bf16/fp16), the metrics record
+(loss, ppl, tokens/s, TFLOP/s, MFU/HFU, memory) every `log_interval` iterations, evaluation and checkpoints at
+their cadence, and exact resume. Metrics go out from global rank 0; the device is read only when a record is
+written.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Protocol
 import torch
 
 from megatron_exp.config import HardwareConfig, OptimizerConfig
-from megatron_exp.hardware import autocast, peak_memory_gb
+from megatron_exp.hardware import autocast, parameter_dtype, peak_memory_gb
 from megatron_exp.models.contract import Batch, Model
 from megatron_exp.parallel import random
 from megatron_exp.parallel.mappings import all_reduce_
@@ -30,6 +31,7 @@ from megatron_exp.training import checkpoint, flops, reshard
 from megatron_exp.training.distributed_optimizer import DistributedOptimizer, is_shard, merged_state
 from megatron_exp.training.grad_sync import GradientSync
 from megatron_exp.training.metrics import MetricSinks
+from megatron_exp.training.mixed_precision import MainWeightsOptimizer
 from megatron_exp.training.optim import DynamicLossScaler, build_optimizer, learning_rate, optimizer_step
 from megatron_exp.training.schedule import MicroBatches, Pipeline
 from megatron_exp.training.stop import Interrupted, StopAgreement
@@ -109,18 +111,24 @@ class TrainingLoop:
         """`wandb`: wandb.init arguments (used on global rank 0); `resume`: a checkpoint directory to continue (at
         any layout); `pipeline`: the layout of a pipeline of more than one stage, run with `schedule`; `seed`: the
         run's seed, from which a layout change re-derives the dropout streams; `distributed_optimizer`: Adam's
-        state sharded over DP (training/distributed_optimizer.py)."""
+        state sharded over DP (training/distributed_optimizer.py). With `hardware.params=low` the parameters are
+        cast to the compute precision and the optimizer steps fp32 main weights (training/mixed_precision.py),
+        which checkpoints save as the model's weights."""
         self.work, self.grid, self.model = work, grid, work.model
         self.optimizer_cfg, self.hardware, self.cadence, self.run_dir = optimizer, hardware, cadence, run_dir
         self.device = self.model.device
         self.parameters = list(self.model.parameters())
         self.distributed_optimizer = distributed_optimizer
+        low = parameter_dtype(hardware)  # None: fp32 parameters, their own main weights
+        self.main_weights = low is not None
         if distributed_optimizer:
-            self.optimizer = DistributedOptimizer(self.model, optimizer, grid)
-            self.sync_gradients = GradientSync(self.model, grid, flat=self.optimizer.grads)
+            self.optimizer = DistributedOptimizer(self.model, optimizer, grid, low)
+        elif low:
+            self.optimizer = MainWeightsOptimizer(self.model, optimizer, grid, low)
         else:
             self.optimizer = build_optimizer(self.model, optimizer)
-            self.sync_gradients = GradientSync(self.model, grid)
+        flat = self.optimizer.grads if distributed_optimizer else None  # the reduce-scatter's buffer
+        self.sync_gradients = GradientSync(self.model, grid, flat=flat)
         self.scaler = DynamicLossScaler(self.device) if hardware.precision == "fp16" else None
         scale, cast = (self.scaler.scale if self.scaler else None), autocast(hardware.precision, self.device)
         if pipeline is not None and pipeline.stages > 1:
@@ -142,8 +150,9 @@ class TrainingLoop:
         cfg, grid, cost = self.model.cfg, self.grid, self.work.cost
         shard = sum(p.numel() for p in self.parameters)
         log.info(
-            "model: %s, %.2fM parameters on rank 0 (its TP shard of stage 0) | grid: tp=%d pp=%d dp=%d | %s, %s",
+            "model: %s, %.2fM parameters on rank 0 (its TP shard of stage 0) | grid: tp=%d pp=%d dp=%d | %s, %s, %s",
             cfg.name, shard / 1e6, grid.tp.size, grid.pp.size, grid.dp.size, self.device, self.hardware.precision,
+            f"{self.parameters[0].dtype} parameters" + (", fp32 main weights" if self.main_weights else ""),
         )  # fmt: skip
         peak = self.hardware.peak_tflops
         log.info(
@@ -162,7 +171,7 @@ class TrainingLoop:
         }  # fmt: skip
         state = {
             "iteration": iteration,
-            "model": self.model.state_dict(),
+            "model": self.optimizer.main_state_dict() if self.main_weights else self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "loss_scaler": self.scaler.state_dict() if self.scaler else None,
             "rng": random.get_rng_state(self.device),
@@ -187,6 +196,8 @@ class TrainingLoop:
         state = checkpoint.load_rank(directory, rank)
         path = checkpoint.rank_file(directory, rank)
         checkpoint.load_into(self.model, state["model"], path, "model")
+        if self.main_weights:
+            self.optimizer.load_main_weights(state["model"])
         optimizer_state = state["optimizer"]
         if is_shard(optimizer_state) and not (self.distributed_optimizer and same_dp):
             optimizer_state = merged_state(directory, grid.pp.rank, grid.tp.rank)
@@ -205,6 +216,8 @@ class TrainingLoop:
         grid; the loss scale and iteration as saved; the dropout streams re-derived (training/reshard.py)."""
         weights = checkpoint.load_model_state(directory, self.model, self.grid)
         checkpoint.load_into(self.model, weights, directory, "model")
+        if self.main_weights:
+            self.optimizer.load_main_weights(weights)
         groups = self.optimizer.state_dict()["param_groups"]
         moments = reshard.shard_optimizer_state(
             reshard.serial_optimizer_state(directory), self.model, self.grid.tp, groups
@@ -235,10 +248,10 @@ class TrainingLoop:
         terms = self.schedule.train(batches)
         self.sync_gradients()
         clip = self.optimizer_cfg.clip_grad
-        if self.distributed_optimizer:
-            norm, skipped = self.optimizer.step(clip, self.scaler)
-        else:
+        if isinstance(self.optimizer, torch.optim.Optimizer):
             norm, skipped = optimizer_step(self.optimizer, self.parameters, clip, self.grid, self.scaler)
+        else:  # it steps its main weights (or slice) itself
+            norm, skipped = self.optimizer.step(clip, self.scaler)
         return terms, norm, skipped
 
     def _train_record(self, iteration: int, steps: int, means: dict, norm: float, skipped: float, seconds: float):
