@@ -161,6 +161,7 @@ def _run_with_its_tokenizer(run_dir: Path):
     return tokenizer
 
 
+@pytest.mark.slow
 def test_the_tokenizer_travels_and_converted_weights_evaluate_without_tokenizer(tmp_path):
     transformers = pytest.importorskip("transformers", reason="the hf extra is not installed")
     tokenizer = _run_with_its_tokenizer(tmp_path / "run")

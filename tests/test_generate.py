@@ -105,7 +105,8 @@ def test_a_missing_checkpoint_exits_2_with_one_line(tmp_path):
     assert len(errors) == 1 and "holds no complete checkpoint" in errors[0]
 
 
-@pytest.mark.parametrize("tp, pp", [(2, 1), pytest.param(1, 2, marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2)])
 def test_the_command_prints_and_saves_the_greedy_continuations(tmp_path, run_dir, tp, pp):
     prompts = json.dumps(PROMPTS)
     done = _command(tmp_path / "out", f"checkpoint={run_dir}", f"prompt={prompts}", "max_new_tokens=10",

@@ -97,6 +97,7 @@ def _assert_clean_console(done: subprocess.CompletedProcess, run_dir: Path, iter
     assert any("run directory:" in line for line in log) and log[-1] == last  # and the launching process's
 
 
+@pytest.mark.slow
 def test_a_failing_worker_stops_the_job_with_its_error(tmp_path, shared_cache):
     overrides = [*TINY, "parallel.tp=2", "optimizer.lr=1e20", "optimizer.warmup_iters=0", "optimizer.clip_grad=0"]
     done = train(tmp_path / "run", *overrides, "train.log_interval=2", "logger.wandb=false", cache=shared_cache)
@@ -130,6 +131,7 @@ def test_gpt_8b_at_tp8_fails_before_any_worker_starts(tmp_path, shared_cache):
     assert not (run_dir / "logs").exists()
 
 
+@pytest.mark.slow
 def test_torchrun_ranks_join_one_job_and_agree_on_one_run_directory(tmp_path, shared_cache):
     # Microseconds in the run directory's name make every rank compose a different one; rank 0's must win.
     done = subprocess.run(

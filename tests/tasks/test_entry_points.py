@@ -54,6 +54,7 @@ def test_wikitext103_entry_point_gives_the_same_numbers_at_every_layout(tmp_path
     assert losses[1, 2] == pytest.approx(losses[1, 1], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_lambada_entry_point(tmp_path, trained):
     source = tmp_path / "lambada.jsonl"
     source.write_text("".join(json.dumps({"text": t}) + "\n" for t in PASSAGES))
