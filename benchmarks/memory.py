@@ -1,6 +1,6 @@
 """CPU memory benchmark: each rank's measured step peak next to the planner's prediction, for every memory option.
 
-    python benchmarks/memory.py            # the full table at the CPU benchmark's shape (18 min on 2 busy cores)
+    python benchmarks/memory.py            # the full table at the CPU benchmark's shape (4.4 min on the idle 2 cores)
     python benchmarks/memory.py --quick    # a smoke run (seconds), as the test suite does
 
 The shape is benchmarks/cpu_training.py's (FULL: h=512, 6 layers, 16,384 vocabulary, seq 256, micro batch 8), with
