@@ -10,18 +10,17 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def run_benchmark(script: str, out: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
+    """`python benchmarks/<script> <args> --out <out>` from the repository root: its output and its JSON."""
+    done = subprocess.run([sys.executable, f"benchmarks/{script}", *args, "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done, json.loads(out.read_text())
+
+
 @pytest.mark.slow
 def test_cpu_benchmark_quick_run_reports_every_measurement(tmp_path):
-    out = tmp_path / "bench.json"
-    done = subprocess.run(
-        [sys.executable, "benchmarks/cpu_training.py", "--quick", "--out", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    results = json.loads(out.read_text())
+    done, results = run_benchmark("cpu_training.py", tmp_path / "bench.json", "--quick")
     assert results["matmul_ceiling_tflops"] > 0 and results["plain_vs_framework"]["speed_ratio"] > 0
     saved = [results["recompute"][mode]["activation_mb"] for mode in ("none", "selective", "full")]
     assert saved == sorted(saved, reverse=True) and saved[0] > saved[2]
@@ -35,12 +34,8 @@ def test_cpu_benchmark_quick_run_reports_every_measurement(tmp_path):
 
 @pytest.mark.slow
 def test_gpu_benchmark_runs_on_cpu_with_a_tiny_model(tmp_path):
-    out = tmp_path / "gpu.json"
-    command = ["benchmarks/gpu_training.py", "--device", "cpu", "--model", "gpt_tiny", "--micro-batches", "2"]
-    command += ["--precision", "fp32", "--steps", "1", "--compile", "both", "--out", str(out)]
-    done = subprocess.run([sys.executable, *command], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr
-    results = json.loads(out.read_text())
+    options = ["--device", "cpu", "--model", "gpt_tiny", "--micro-batches", "2", "--precision", "fp32", "--steps", "1"]
+    done, results = run_benchmark("gpu_training.py", tmp_path / "gpu.json", *options, "--compile", "both")
     combinations = [(r["recompute"], r["compile"]) for r in results["rows"]]
     assert combinations == [(mode, compiled) for mode in ("none", "selective", "full") for compiled in (False, True)]
     assert all("error" not in r and r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 for r in results["rows"])
@@ -49,16 +44,8 @@ def test_gpu_benchmark_runs_on_cpu_with_a_tiny_model(tmp_path):
 
 @pytest.mark.slow
 def test_pipeline_benchmark_quick_run_reports_step_time_against_the_bubble(tmp_path):
-    out = tmp_path / "pipeline.json"
-    done = subprocess.run(
-        [sys.executable, "benchmarks/pipeline.py", "--quick", "--out", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    rows = json.loads(out.read_text())["rows"]
+    done, results = run_benchmark("pipeline.py", tmp_path / "pipeline.json", "--quick")
+    rows = results["rows"]
     assert [(r["pp"], r["virtual"]) for r in rows] == [(1, 1), (2, 1), (2, 2)]
     assert [r["bubble"] for r in rows] == [0.0, 1 / 4, 1 / 8]  # (p - 1) / (v m), m = 4
     assert all(r["s"] > 0 and len(r["idle_per_stage"]) == r["pp"] for r in rows)
@@ -68,16 +55,8 @@ def test_pipeline_benchmark_quick_run_reports_step_time_against_the_bubble(tmp_p
 
 @pytest.mark.slow
 def test_distributed_optimizer_benchmark_quick_run_compares_the_three_optimizers(tmp_path):
-    out = tmp_path / "distributed_optimizer.json"
-    done = subprocess.run(
-        [sys.executable, "benchmarks/distributed_optimizer.py", "--quick", "--out", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
+    _, results = run_benchmark("distributed_optimizer.py", tmp_path / "distributed_optimizer.json", "--quick")
+    rows = {r["variant"]: r for r in results["rows"]}
     assert list(rows) == ["plain", "zero", "ours"] and all(r["update_s"] > 0 for r in rows.values())
     assert rows["plain"]["fullest_vs_even"] == 2.0 and rows["ours"]["fullest_vs_even"] == 1.0  # 1/dp of Adam each
     assert rows["ours"]["loss"] == pytest.approx(rows["plain"]["loss"], rel=1e-5)
@@ -85,16 +64,8 @@ def test_distributed_optimizer_benchmark_quick_run_compares_the_three_optimizers
 
 @pytest.mark.slow
 def test_memory_benchmark_quick_run_measures_what_each_option_saves_per_rank(tmp_path):
-    out = tmp_path / "memory.json"
-    done = subprocess.run(
-        [sys.executable, "benchmarks/memory.py", "--quick", "--steps", "1", "--out", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    rows = {r["option"]: r for r in json.loads(out.read_text())["rows"]}
+    done, results = run_benchmark("memory.py", tmp_path / "memory.json", "--quick", "--steps", "1")
+    rows = {r["option"]: r for r in results["rows"]}
     assert list(rows) == ["recompute=none", "recompute=selective", "recompute=full", "tp=2", "tp=2, sequence_parallel",
                           "dp=2, plain optimizer", "dp=2, distributed_optimizer"]  # fmt: skip
     assert [len(r["ranks"]) for r in rows.values()] == [1, 1, 1, 2, 2, 2, 2]  # one entry per rank
