@@ -3,8 +3,9 @@ to and from the Hugging Face `transformers` layout. Every path goes through the 
 the shards, convert or re-split, save. The tokenizer travels (tokenizer.json beside the output, for the
 evaluations; to=hf also writes what GPT2TokenizerFast loads). A training checkpoint keeps its whole training
 state (training/reshard.py): Adam's moments, the loss scale, the iteration; the dropout streams of each layout the
-checkpoint has been converted from are kept with it, so converting back restores them bit for bit, and a layout
-it has never been at gets them re-derived when training resumes.
+checkpoint has been converted from are kept with it, so converting back restores them bit for bit. A layout it
+has never been at gets what a resume there would get: the replicated streams where the stages are the same, the
+rest re-derived when training resumes.
 """
 
 from __future__ import annotations
@@ -168,9 +169,8 @@ def _write_training_state(cfg: ConvertConfig, directory: Path, serial: dict, mod
     meta = checkpoint.read_meta(directory)
     first = checkpoint.load_rank(directory, 0)
     carried = dict(first.get("rng_by_layout") or {})
-    carried[layout_key(*checkpoint.layout_of(meta), meta["dp"])] = [
-        checkpoint.load_rank(directory, rank)["rng"] for rank in range(meta["world_size"])
-    ]
+    source_rngs = [checkpoint.load_rank(directory, rank)["rng"] for rank in range(meta["world_size"])]
+    carried[layout_key(*checkpoint.layout_of(meta), meta["dp"])] = source_rngs
     target = layout_key(cfg.tp, cfg.pp, cfg.virtual_stages, cfg.dp)
     moments = reshard.serial_optimizer_state(directory)
     groups = first["optimizer"]["param_groups"]
@@ -179,6 +179,7 @@ def _write_training_state(cfg: ConvertConfig, directory: Path, serial: dict, mod
         with state.use(state.virtual(cfg.tp, pp=cfg.pp, pp_rank=stage)):
             part = _meta_model(model_cfg, layout.part(stage))
         specs = shard_specs(part)
+        replicated = reshard.replicated_stream(meta, source_rngs.__getitem__, cfg.pp, cfg.virtual_stages, stage)
         for _ in range(cfg.dp):
             for tp_rank in range(cfg.tp):
                 tp = state.Group(size=cfg.tp, rank=tp_rank)
@@ -189,7 +190,7 @@ def _write_training_state(cfg: ConvertConfig, directory: Path, serial: dict, mod
                     "model": model,
                     "optimizer": reshard.shard_optimizer_state(moments, part, tp, groups),
                     "loss_scaler": first["loss_scaler"],
-                    "rng": carried[target][rank] if target in carried else None,
+                    "rng": carried[target][rank] if target in carried else replicated,
                 })  # fmt: skip
     states[0]["rng_by_layout"] = {key: rngs for key, rngs in carried.items() if key != target}
     new_meta = {**meta, "tp": cfg.tp, "pp": cfg.pp, "virtual_stages": cfg.virtual_stages, "dp": cfg.dp,
@@ -198,7 +199,7 @@ def _write_training_state(cfg: ConvertConfig, directory: Path, serial: dict, mod
     log.info(
         "saved the training state of %s (iteration %d) at tp=%d pp=%d (virtual %d) dp=%d to %s%s",
         directory, first["iteration"], cfg.tp, cfg.pp, cfg.virtual_stages, cfg.dp, written,
-        "" if target in carried else "; its dropout streams are re-derived when training resumes",
+        "" if target in carried else "; dropout streams not carried over are re-derived when training resumes",
     )  # fmt: skip
     return written
 

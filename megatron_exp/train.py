@@ -6,6 +6,7 @@ Exit codes: see megatron_exp/entry.py (0 done, 1 a worker failed, 2 the configur
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -30,6 +31,8 @@ def _prepare_data(cfg: Config, run_dir: str) -> None:
     """Build (or find) the token cache, check the model's vocabulary holds the tokenizer's, and keep the
     tokenizer with the run (the evaluation tasks read text with it)."""
     path = token_store.prepare(cfg.data, by_sentence=cfg.model.arch == "bert")
+    if cfg.resume:
+        _check_same_tokenizer(cfg.resume, path / "tokenizer.json", Path(run_dir) / "tokenizer.json")
     shutil.copyfile(path / "tokenizer.json", Path(run_dir) / "tokenizer.json")
     tokenizer_vocab = token_store.read_meta(path)["vocab_size"]
     if tokenizer_vocab > cfg.model.vocab_size:
@@ -38,6 +41,22 @@ def _prepare_data(cfg: Config, run_dir: str) -> None:
             f"set model.vocab_size={tokenizer_vocab} (or leave it to follow data.tokenizer.vocab_size)"
         )
     trainer.load_samples(cfg)  # every split holds at least one sample (else one line here, not in every worker)
+
+
+def _check_same_tokenizer(resume: str, ours: Path, the_runs: Path) -> None:
+    """A resumed run reads its text with the run's vocabulary: the same token ids for the same strings (the
+    model's vocab_size alone does not show a tokenizer trained on other text, or another kind)."""
+    if not the_runs.is_file():
+        return
+    mine, theirs = (json.loads(path.read_text(encoding="utf-8"))["model"] for path in (ours, the_runs))
+    if mine != theirs:
+        words, kept = mine.get("vocab") or {}, theirs.get("vocab") or {}
+        moved = sum(words.get(token) != index for token, index in kept.items()) + len(set(words) - set(kept))
+        how = f"{moved} vocabulary entries differ or move" if moved else "the same vocabulary, other merges or rules"
+        raise ConfigError(
+            f"resume={resume}: the data's tokenizer is not the run's ({the_runs}: {how}): resume with the run's "
+            "data.* and data.tokenizer.* overrides (see its config.yaml)"
+        )
 
 
 def _newest_matching_checkpoint(cfg: Config, outputs: Path) -> Path:
@@ -106,7 +125,10 @@ def _resolve_resume(cfg: Config, run_dir: str) -> tuple[str, str]:
         )
     moved = _differences(cfg, meta)
     if moved:
-        log.info("resume=%s: continuing at another layout: %s", cfg.resume, ", ".join(moved))
+        log.info(
+            "resume=%s: continuing at another layout from global sample %s: %s",
+            cfg.resume, meta.get("consumed_samples", meta["iteration"] * cfg.parallel.global_batch), ", ".join(moved),
+        )  # fmt: skip
     if meta["iteration"] >= cfg.train.iterations:
         raise ConfigError(
             f"resume={cfg.resume}: {directory} is at iteration {meta['iteration']}, already train.iterations="

@@ -94,6 +94,7 @@ def get_rng_state(device: torch.device | str = "cpu") -> dict:
 
 
 def set_rng_state(rng: dict, device: torch.device | str = "cpu") -> None:
+    """Both streams, or only the replicated one where `rng` has no TP-region stream (tp_region=None)."""
     device = torch.device(device)
     torch.set_rng_state(rng["cpu"])
     if rng["cuda"] is not None:

@@ -187,9 +187,8 @@ class TrainingLoop:
         rank) position: DP replicas hold the same weights, loss scale and RNG streams. Adam's state is converted
         where it was saved with or without the distributed optimizer, or sliced at another DP degree."""
         meta, grid = checkpoint.read_meta(directory), self.grid
-        saved = (*checkpoint.layout_of(meta), meta["dp"])
-        if saved[:3] != (grid.tp.size, grid.pp.size, self.layout.virtual):
-            self._restore_resharded(directory, saved)
+        if checkpoint.layout_of(meta) != (grid.tp.size, grid.pp.size, self.layout.virtual):
+            self._restore_resharded(directory, meta)
             return
         same_dp = meta["dp"] == grid.dp.size
         rank = grid.rank if same_dp else checkpoint.stage_ranks(meta, grid.pp.rank)[grid.tp.rank]
@@ -205,15 +204,17 @@ class TrainingLoop:
         if self.scaler and state["loss_scaler"]:
             self.scaler.load_state_dict(state["loss_scaler"])
         self.start_iteration = state["iteration"]
-        if state["rng"] is None:  # converted from another layout without this one's streams
+        rng = state["rng"]
+        if rng is None or rng["tp_region"] is None:  # converted from another layout: its streams as far as they carry
             reshard.reseed(self.seed, self.start_iteration, self.grid, self.device)
-        else:
-            random.set_rng_state(state["rng"], self.device)
+        if rng is not None:
+            random.set_rng_state(rng, self.device)
         log.info("resumed from %s at iteration %d", directory, self.start_iteration)
 
-    def _restore_resharded(self, directory: Path, saved: tuple[int, int, int, int]) -> None:
+    def _restore_resharded(self, directory: Path, meta: dict) -> None:
         """The checkpoint's weights and Adam moments merged to serial and cut for this rank's place in the new
-        grid; the loss scale and iteration as saved; the dropout streams re-derived (training/reshard.py)."""
+        grid; the loss scale and iteration as saved; the dropout streams continued where they mean the same at
+        the new layout, else re-derived (training/reshard.py)."""
         weights = checkpoint.load_model_state(directory, self.model, self.grid)
         checkpoint.load_into(self.model, weights, directory, "model")
         if self.main_weights:
@@ -227,12 +228,20 @@ class TrainingLoop:
         if self.scaler and first["loss_scaler"]:
             self.scaler.load_state_dict(first["loss_scaler"])
         self.start_iteration = first["iteration"]
-        reshard.reseed(self.seed, self.start_iteration, self.grid, self.device)
         grid = self.grid
+        reshard.reseed(self.seed, self.start_iteration, grid, self.device)
+        replicated = reshard.replicated_stream(
+            meta, lambda rank: checkpoint.load_rank(directory, rank)["rng"],
+            grid.pp.size, self.layout.virtual, grid.pp.rank,
+        )  # fmt: skip
+        if replicated is not None:
+            random.set_rng_state(replicated, self.device)
         log.info(
             "resumed from %s at iteration %d, resharded from tp=%d pp=%d (virtual %d) dp=%d to tp=%d pp=%d "
-            "(virtual %d) dp=%d; dropout streams re-derived",
-            directory, self.start_iteration, *saved, grid.tp.size, grid.pp.size, self.layout.virtual, grid.dp.size,
+            "(virtual %d) dp=%d; dropout streams %s",
+            directory, self.start_iteration, *checkpoint.layout_of(meta), meta["dp"],
+            grid.tp.size, grid.pp.size, self.layout.virtual, grid.dp.size,
+            "re-derived" if replicated is None else "continued (replicated) and re-derived (TP regions)",
         )  # fmt: skip
 
     # --- one step ----------------------------------------------------------------------------------------------

@@ -5,13 +5,19 @@ shape and so its parameter's shard spec, and merges and re-splits the same way. 
 as the others, so replica 0 is read. The tied word embedding's copy on the last pipeline stage takes the same
 steps as the first stage's and is not read; the new layout's last stage gets the first stage's state.
 
-What does not carry over: the dropout streams. They are per TP rank and per stage, and a new layout has other
-ranks and stages, so they are re-derived from the seed, the iteration and the rank's place (`reseed`); with
-dropout off the continued run is the same run.
+The dropout streams (parallel/random.py) carry over as far as they mean the same thing at the new layout. The
+replicated stream (dropout on activations every TP rank holds whole: embeddings, residual branches) is one per
+pipeline stage, the same on every TP rank and DP replica of it; with the same stages (pp and virtual_stages as
+saved) every new rank continues its stage's stream, so at another TP degree those masks are the uninterrupted
+run's. The TP-region streams (attention probabilities, sequence-parallel shards) belong to a TP rank's slice of
+the data, which a new TP degree cuts differently; they, and every stream where the stages change, are re-derived
+from the seed, the iteration and the rank's place (`reseed`). Masks also differ at another DP degree, where each
+replica draws for a different share of the micro-batches. With dropout off the continued run is the same run.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -89,3 +95,14 @@ def shard_optimizer_state(
 def reseed(seed: int, iteration: int, grid: ProcessGrid, device: torch.device) -> None:
     """Dropout streams for a run continued at another layout, a function of where it continues."""
     random.seed(seed + 7919 * iteration, grid.tp.rank, device, stage=grid.pp.rank)
+
+
+def replicated_stream(
+    meta: dict, saved_rng: Callable[[int], dict | None], pp: int, virtual: int, stage: int
+) -> dict | None:
+    """The saved replicated dropout stream for `stage` of a (pp, virtual) layout, as a partial RNG state (no
+    TP-region stream), or None where the checkpoint's stages are other ones. `saved_rng(rank)`: a rank's saved RNG."""
+    if checkpoint.layout_of(meta)[1:] != (pp, virtual):
+        return None
+    rng = saved_rng(checkpoint.stage_ranks(meta, stage)[0])
+    return None if rng is None else {**rng, "tp_region": None}

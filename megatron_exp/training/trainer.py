@@ -128,8 +128,10 @@ class Pretraining:
         return record
 
     def checkpoint_meta(self, iteration: int) -> dict:
-        """What a resume at another layout must keep: the global batch (the data position is iteration x it)."""
-        return {"global_batch": self.cfg.parallel.global_batch}
+        """What a resume at another layout must keep: the global batch, and the data position as a global sample
+        index (the samples read so far, in the one global order that every DP degree cuts the same way)."""
+        global_batch = self.cfg.parallel.global_batch
+        return {"global_batch": global_batch, "consumed_samples": iteration * global_batch}
 
 
 def build(spec: RunSpec[Config], grid: ProcessGrid) -> TrainingLoop:

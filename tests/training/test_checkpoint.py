@@ -15,10 +15,11 @@ import torch
 from megatron_exp import preflight
 from megatron_exp.config import ConfigError
 from megatron_exp.data import token_store
+from megatron_exp.data.tokenizer import train_bpe
 from megatron_exp.models.gpt import GPTModel
 from megatron_exp.parallel import state
 from megatron_exp.parallel.sharding import shard_specs, split_state_dict
-from megatron_exp.train import _newest_matching_checkpoint, _resolve_init_from, _resolve_resume
+from megatron_exp.train import _newest_matching_checkpoint, _prepare_data, _resolve_init_from, _resolve_resume
 from megatron_exp.training import checkpoint, trainer
 from megatron_exp.training.checkpoint import CheckpointError
 from tests.conftest import compose_config, training_spec
@@ -219,6 +220,23 @@ def test_a_full_disk_is_named_as_such_and_the_previous_checkpoint_is_kept(
         checkpoint.save(tmp_path, 9, {"x": torch.zeros(100)}, rank=0, meta={"world_size": 1, "model": {}}, keep=3)
     monkeypatch.undo()
     assert checkpoint.find_latest(tmp_path) == root / "iter_0000006"
+
+
+def test_a_resume_with_another_tokenizer_is_refused_in_one_line(tmp_path, shared_cache):
+    """The model's vocab_size can match while the tokenizer does not (trained on other text): the token ids would
+    mean other strings, so the resume stops before any worker."""
+    cfg = make_config(shared_cache)
+    cfg.resume = "outputs/the-run"
+    _prepare_data(cfg, str(tmp_path))  # keeps the data's tokenizer with the run, as the first start does
+    _prepare_data(cfg, str(tmp_path))  # the same tokenizer: resumes
+    train_bpe(["another corpus, with other words and other merges"] * 20, 300).save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(
+        ConfigError,
+        match=r"^resume=outputs/the-run: the data's tokenizer is not the run's \(.*"
+        r"tokenizer.json: \d+ vocabulary entries differ or move\): resume with the run's data",
+    ) as e:
+        _prepare_data(cfg, str(tmp_path))
+    assert "\n" not in str(e.value)
 
 
 def test_resuming_a_finished_run_says_how_to_continue(tmp_path, shared_cache, trained_run):

@@ -25,9 +25,13 @@ RUN += ["checkpoint.interval=5", "parallel.global_batch=8", "parallel.micro_batc
 
 
 def _train(run_dir, cache, overrides, resume=None):
+    """Train; a resumed run first saves what it loaded (a checkpoint at the resumed iteration) for the tests."""
     cfg = make_config(cache, *RUN, *overrides)
     cfg.resume = resume
-    build(cfg, run_dir).run()
+    loop = build(cfg, run_dir)
+    if resume:
+        loop.save_checkpoint(loop.start_iteration)
+    loop.run()
 
 
 def _losses(run_dir) -> dict[int, float]:
@@ -43,11 +47,45 @@ def tp2_pp2(tmp_path_factory, shared_cache):
     return run_dir, checkpoint.checkpoints_root(run_dir) / "iter_0000005"
 
 
-def _resume(tmp_path, tp2_pp2, cache, tp, pp, dp, *options):
-    run_dir, saved = tp2_pp2
+def _merged_originals(saved: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """Every parameter's Adam state from a tp=2 x pp=2 checkpoint's files, merged by hand: the TP shards
+    concatenated along the parameter's split dimension (vocabulary padding trimmed to the serial model's), from
+    the stage that holds the parameter first (stage 0's word embedding, not the last stage's copy)."""
+    cfg = checkpoint.model_config_of(saved)
+    serial = {name: (ShardSpec.of(p), p.shape) for name, p in GPTModel(cfg).named_parameters()}
+    originals = {}
+    for stage, ranks in enumerate([[0, 1], [2, 3]]):  # (pp, dp, tp) order: stage 0 is ranks 0, 1
+        with torch.device("meta"), state.use(state.virtual(2, pp=2, pp_rank=stage)):
+            part = GPTModel(cfg, part=PipelineLayout(2, 1, cfg.layers).part(stage))
+        shards = [checkpoint.load_rank(saved, r)["optimizer"]["state"] for r in ranks]
+        for index, name in enumerate(optimizer_order(part)):
+            if name in originals:
+                continue
+            spec, shape = serial[name]
+            entry = {"step": shards[0][index]["step"]}
+            for key in ("exp_avg", "exp_avg_sq"):
+                pieces = [shard[index][key] for shard in shards]
+                whole = pieces[0] if spec.dim is None else torch.cat(pieces, dim=spec.dim)
+                entry[key] = whole if spec.dim is None else whole.narrow(spec.dim, 0, shape[spec.dim])
+            originals[name] = entry
+    assert set(originals) == set(serial)
+    return originals
+
+
+def _assert_moments_are(resumed: dict[str, dict[str, torch.Tensor]], originals: dict) -> None:
+    assert set(resumed) == set(originals)
+    for name, entry in originals.items():
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(resumed[name][key], entry[key]), f"{key} of {name}"
+
+
+def _resume(tmp_path, saved, cache, tp, pp, dp, *options):
     layout = [f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.dp={dp}", *options]
     run_on_ranks(tp * pp * dp, _train, tmp_path, cache, layout, str(saved), tp=tp, pp=pp)
-    resumed, uninterrupted = _losses(tmp_path), _losses(run_dir)
+    return _losses(tmp_path)
+
+
+def _assert_continues(resumed: dict[int, float], uninterrupted: dict[int, float]) -> None:
     assert sorted(resumed) == [6, 7, 8, 9, 10]
     assert [resumed[i] for i in range(6, 11)] == pytest.approx([uninterrupted[i] for i in range(6, 11)], rel=1e-5)
 
@@ -61,13 +99,17 @@ def _resume(tmp_path, tp2_pp2, cache, tp, pp, dp, *options):
 def test_a_run_resumed_at_another_layout_continues_the_uninterrupted_run(
     tmp_path, shared_cache, tp2_pp2, tp, pp, dp, options
 ):
-    _resume(tmp_path, tp2_pp2, shared_cache, tp, pp, dp, *options)
+    """The losses of iterations 6-10, and the Adam state the resumed run loaded (what it saved at iteration 5,
+    merged), which is the original shards' merged by hand, bit for bit."""
+    run_dir, saved = tp2_pp2
+    _assert_continues(_resume(tmp_path, saved, shared_cache, tp, pp, dp, *options), _losses(run_dir))
+    loaded = checkpoint.checkpoints_root(tmp_path) / "iter_0000005"
+    _assert_moments_are(serial_optimizer_state(loaded), _merged_originals(saved))
 
 
 @pytest.mark.slow
 def test_the_resumed_adam_moments_are_the_merged_originals_exactly(tmp_path, shared_cache, tp2_pp2):
-    """At tp=1 x pp=1 every moment is its tp=2 x pp=2 shards concatenated along the parameter's split dimension
-    (vocabulary padding trimmed), taken from the stage that holds it."""
+    """At tp=1 x pp=1, in this process: the optimizer's own state after the resume."""
     _, saved = tp2_pp2
     cfg = make_config(shared_cache, *RUN)
     cfg.resume = str(saved)
@@ -75,26 +117,49 @@ def test_the_resumed_adam_moments_are_the_merged_originals_exactly(tmp_path, sha
     assert loop.start_iteration == 5
     names = optimizer_order(loop.model)
     resumed = {names[i]: entry for i, entry in loop.optimizer.state_dict()["state"].items()}
-    serial = GPTModel(loop.model.cfg)
-    specs = {name: ShardSpec.of(p) for name, p in serial.named_parameters()}
-    originals = {}
-    for stage, ranks in enumerate([[0, 1], [2, 3]]):  # (pp, dp, tp) order: stage 0 is ranks 0, 1
-        with torch.device("meta"), state.use(state.virtual(2, pp=2, pp_rank=stage)):
-            part = GPTModel(loop.model.cfg, part=PipelineLayout(2, 1, 4).part(stage))
-        order = optimizer_order(part)
-        shards = [checkpoint.load_rank(saved, r)["optimizer"]["state"] for r in ranks]
-        for index, name in enumerate(order):
-            originals.setdefault(name, [shard[index] for shard in shards])  # stage 0's word embedding first
-    assert set(originals) == set(resumed) == set(names)
-    for name, shards in originals.items():
-        spec = specs[name]
-        for key in ("exp_avg", "exp_avg_sq"):
-            pieces = [s[key] for s in shards]
-            whole = pieces[0] if spec.dim is None else torch.cat(pieces, dim=spec.dim)
-            if spec.vocab_size is not None:
-                whole = whole.narrow(spec.dim, 0, resumed[name][key].shape[spec.dim])
-            assert torch.equal(resumed[name][key], whole), f"{key} of {name}"
-        assert torch.equal(resumed[name]["step"], shards[0]["step"])
+    _assert_moments_are(resumed, _merged_originals(saved))
+
+
+HIDDEN_DROPOUT = "model.hidden_dropout=0.1"
+
+
+@pytest.fixture(scope="module")
+def tp2_with_dropout(tmp_path_factory, shared_cache):
+    """10 iterations at tp=2 with hidden dropout (on the replicated stream), a checkpoint at 5."""
+    run_dir = tmp_path_factory.mktemp("tp2dropout")
+    run_on_ranks(2, _train, run_dir, shared_cache, ["parallel.tp=2", HIDDEN_DROPOUT], tp=2)
+    saved = checkpoint.checkpoints_root(run_dir) / "iter_0000005"
+    assert checkpoint.read_meta(saved)["consumed_samples"] == 5 * 8  # the data position, a global sample index
+    return run_dir, saved
+
+
+@pytest.mark.parametrize("tp, converted", [(1, False), pytest.param(4, False, marks=pytest.mark.slow), (1, True)])
+def test_at_another_tp_degree_the_replicated_dropout_stream_continues(
+    tmp_path, shared_cache, tp2_with_dropout, tp, converted
+):
+    """Same stages, other TP degree: every rank continues its stage's replicated stream, so the hidden dropout
+    masks, and with them the losses, are the uninterrupted run's (re-derived streams would draw other masks)."""
+    run_dir, saved = tp2_with_dropout
+    if converted:
+        saved = convert(ConvertConfig(source=str(saved), tp=tp, output=str(tmp_path / "converted")))
+    resumed = _resume(tmp_path / "resumed", saved, shared_cache, tp, 1, 1, HIDDEN_DROPOUT)
+    _assert_continues(resumed, _losses(run_dir))
+
+
+def test_the_loss_scale_carries_over_to_another_layout(tmp_path, shared_cache):
+    """fp16's dynamic loss scale (here set to a value no fresh run has) goes on at tp=2 from a serial run."""
+    fp16 = ["hardware.precision=fp16", "hardware.params=fp32", "train.iterations=3", "checkpoint.interval=3"]
+    _train(tmp_path / "run", shared_cache, fp16)
+    saved = checkpoint.find_latest(tmp_path / "run")
+    first = checkpoint.load_rank(saved, 0)
+    first["loss_scaler"] = {"scale": 1024.0, "clean_steps": 7}
+    torch.save(first, checkpoint.rank_file(saved, 0))
+    _resume(tmp_path / "resumed", saved, shared_cache, 2, 1, 1, *fp16, "train.iterations=5")
+    loaded = checkpoint.load_rank(checkpoint.checkpoints_root(tmp_path / "resumed") / "iter_0000003", 1)
+    assert loaded["loss_scaler"] == {"scale": 1024.0, "clean_steps": 7}
+    lines = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
+    scales = {r["iteration"]: r["train/loss_scale"] for r in map(json.loads, lines) if "train/loss_scale" in r}
+    assert scales == {4: 1024.0, 5: 1024.0}
 
 
 @pytest.mark.slow
@@ -139,8 +204,7 @@ def test_a_converted_training_checkpoint_resumes_the_run(tmp_path, shared_cache,
     run_dir, saved = tp2_pp2
     serial = convert(ConvertConfig(source=str(saved), tp=1, output=str(tmp_path / "serial")))
     _train(tmp_path / "resumed", shared_cache, [], str(serial))
-    resumed, uninterrupted = _losses(tmp_path / "resumed"), _losses(run_dir)
-    assert [resumed[i] for i in range(6, 11)] == pytest.approx([uninterrupted[i] for i in range(6, 11)], rel=1e-5)
+    _assert_continues(_losses(tmp_path / "resumed"), _losses(run_dir))
 
 
 def test_a_serial_training_checkpoint_splits_to_tp2_pp2_and_merges_back_bit_for_bit(tmp_path, shared_cache):
