@@ -120,6 +120,28 @@ def test_the_resumed_adam_moments_are_the_merged_originals_exactly(tmp_path, sha
     _assert_moments_are(resumed, _merged_originals(saved))
 
 
+@pytest.fixture(scope="module")
+def dp2_distributed_optimizer(tmp_path_factory, shared_cache):
+    """10 iterations at dp=2 with the distributed optimizer (Adam state in flat slices), a checkpoint at 5."""
+    run_dir = tmp_path_factory.mktemp("dp2distopt")
+    run_on_ranks(2, _train, run_dir, shared_cache, ["parallel.dp=2", "parallel.distributed_optimizer=true"], tp=1)
+    return run_dir, checkpoint.checkpoints_root(run_dir) / "iter_0000005"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tp, pp, dp, options", [
+    (2, 1, 1, ("parallel.distributed_optimizer=false",)),
+    (1, 2, 2, ("parallel.distributed_optimizer=true",)),
+])  # fmt: skip
+def test_a_distributed_optimizer_checkpoint_resumes_at_another_tp_or_pp(
+    tmp_path, shared_cache, dp2_distributed_optimizer, tp, pp, dp, options
+):
+    run_dir, saved = dp2_distributed_optimizer
+    _assert_continues(_resume(tmp_path, saved, shared_cache, tp, pp, dp, *options), _losses(run_dir))
+    loaded = checkpoint.checkpoints_root(tmp_path) / "iter_0000005"
+    assert state_differences(serial_optimizer_state(loaded), serial_optimizer_state(saved), "adam") == []
+
+
 HIDDEN_DROPOUT = "model.hidden_dropout=0.1"
 
 
