@@ -166,20 +166,21 @@ def layout_key(tp: int, pp: int, virtual: int, dp: int) -> str:
 
 def _write_training_state(cfg: ConvertConfig, directory: Path, serial: dict, model_cfg, layout) -> Path:
     """Every rank's training state at the output layout, in global rank order (pp, dp, tp)."""
-    meta = checkpoint.read_meta(directory)
-    first = checkpoint.load_rank(directory, 0)
+    saved = checkpoint.SavedShards(directory)
+    meta, first = saved.meta, saved.rank_state(0)
     carried = dict(first.get("rng_by_layout") or {})
-    source_rngs = [checkpoint.load_rank(directory, rank)["rng"] for rank in range(meta["world_size"])]
-    carried[layout_key(*checkpoint.layout_of(meta), meta["dp"])] = source_rngs
+    carried[layout_key(*checkpoint.layout_of(meta), meta["dp"])] = [
+        saved.rank_state(rank)["rng"] for rank in range(meta["world_size"])
+    ]
     target = layout_key(cfg.tp, cfg.pp, cfg.virtual_stages, cfg.dp)
-    moments = reshard.serial_optimizer_state(directory)
+    moments = dict(reshard.SavedAdam(saved))  # each parameter merged once, cut for every output rank
     groups = first["optimizer"]["param_groups"]
     states = []
     for stage in range(cfg.pp):
         with state.use(state.virtual(cfg.tp, pp=cfg.pp, pp_rank=stage)):
             part = _meta_model(model_cfg, layout.part(stage))
         specs = shard_specs(part)
-        replicated = reshard.replicated_stream(meta, source_rngs.__getitem__, cfg.pp, cfg.virtual_stages, stage)
+        replicated = reshard.replicated_stream(saved, cfg.pp, cfg.virtual_stages, stage)
         for _ in range(cfg.dp):
             for tp_rank in range(cfg.tp):
                 tp = state.Group(size=cfg.tp, rank=tp_rank)

@@ -16,12 +16,15 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from megatron_exp.config import ConfigError, ModelConfig
 from megatron_exp.models import build_model
 from megatron_exp.models.transformer import TransformerModel
-from megatron_exp.parallel.sharding import merge_state_dicts, shard_specs
-from megatron_exp.parallel.state import ProcessGrid
+from megatron_exp.parallel import state
+from megatron_exp.parallel.pipeline import PipelineLayout
+from megatron_exp.parallel.sharding import shard_specs
+from megatron_exp.parallel.state import Group, ProcessGrid
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +116,8 @@ def save_all(run_dir: str | Path, iteration: int, states: list[dict], meta: dict
     tmp, final = _paths(run_dir, iteration)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for rank, state in enumerate(states):
-        _write_rank(tmp, rank, state)
+    for rank, saved in enumerate(states):
+        _write_rank(tmp, rank, saved)
     _commit(tmp, final, {"iteration": iteration, "world_size": len(states), **meta}, keep=0)
     return final
 
@@ -194,13 +197,13 @@ def require(path: str | Path, key: str) -> Path:
     return directory
 
 
-def load_rank(directory: Path, rank: int) -> dict:
-    """This rank's saved state, on the CPU."""
+def load_rank(directory: Path, rank: int, mmap: bool = False) -> dict:
+    """This rank's saved state, on the CPU; `mmap`: its tensors map the file and are read where they are used."""
     path = rank_file(directory, rank)
     if not path.is_file():
         raise CheckpointError(f"{path} is missing: the checkpoint in {directory} is incomplete; resume from another")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as error:
         raise CheckpointError(
             f"{path} cannot be read ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}): "
@@ -235,30 +238,78 @@ def stage_ranks(meta: dict, stage: int) -> list[int]:
     return [(stage * dp) * tp + t for t in range(tp)]
 
 
+class SavedShards:
+    """A checkpoint read at another layout: DP replica 0's rank files, each opened once and memory-mapped, and
+    every parameter's serial value merged from its saved stage's TP shards one parameter at a time. A rank of the
+    new layout so reads the pieces of its own parameters, never the whole model (an 8B model's files hold ~128 GB
+    of weights and Adam state, and every rank of a node resumes at once)."""
+
+    def __init__(self, directory: Path):
+        self.directory, self.meta = directory, read_meta(directory)
+        self.cfg = model_config_of(directory)
+        tp, pp, virtual = layout_of(self.meta)
+        layout = PipelineLayout(pp, virtual, self.cfg.layers)
+        self.parts = []  # each saved stage's model on the meta device: its parameter names and optimizer order
+        for stage in range(pp):
+            with torch.device("meta"), state.use(state.virtual(tp, pp=pp, pp_rank=stage)):
+                self.parts.append(build_model(self.cfg, part=layout.part(stage)))
+        self.stage_of: dict[str, int] = {}  # the first stage holding a name: stage 0's tied word embedding
+        for stage, part in enumerate(self.parts):
+            for name in shard_specs(part):
+                self.stage_of.setdefault(name, stage)
+        self._files: dict[int, dict] = {}
+
+    def rank_state(self, rank: int) -> dict:
+        if rank not in self._files:
+            self._files[rank] = loaded = load_rank(self.directory, rank, mmap=True)
+            if "model" in loaded:
+                self._check_names(rank, loaded["model"])
+        return self._files[rank]
+
+    def any_rank_state(self) -> dict:
+        """A rank file already opened (else rank 0's), for what every rank saves alike: iteration, loss scale."""
+        return next(iter(self._files.values()), None) or self.rank_state(0)
+
+    def _check_names(self, rank: int, saved: dict) -> None:
+        stage = rank // (self.meta["tp"] * self.meta["dp"])  # the grid is (pp, dp, tp)
+        expected = set(shard_specs(self.parts[stage]))
+        if set(saved) != expected:
+            odd = sorted(set(saved) ^ expected)[:3]
+            raise CheckpointError(
+                f"{rank_file(self.directory, rank)}: its weights do not match stage {stage} of the model saved in "
+                f"{META} (missing or unexpected: {odd}): the checkpoint is incomplete or mixes runs; use another"
+            )
+
+    def weight(self, name: str) -> torch.Tensor:
+        """The serial value of one parameter (vocabulary padded for TP=1)."""
+        stage = self.stage_of[name]
+        spec = shard_specs(self.parts[stage])[name]
+        return spec.merge([self.rank_state(rank)["model"][name] for rank in stage_ranks(self.meta, stage)], name)
+
+    def weights_for(self, model: nn.Module, tp: Group) -> dict:
+        """The state dict of `model` (a TP shard of a stage of the new layout), cut from the serial values."""
+        return {
+            name: spec.shard(self.weight(name), tp.size, tp.rank, name).clone()
+            for name, spec in shard_specs(model).items()
+        }
+
+
 def load_serial_model_state(directory: Path) -> dict:
     """The whole model as a serial (TP=1, one stage) state dict: each stage's TP shards merged, the stages
     joined (the last stage's copy of the tied embedding equals the first stage's)."""
-    meta = read_meta(directory)
+    saved = SavedShards(directory)
     with torch.device("meta"):
-        specs = shard_specs(build_model(model_config_of(directory)))
-    serial = {}
-    for stage in range(layout_of(meta)[1]):
-        shards = [load_rank(directory, rank)["model"] for rank in stage_ranks(meta, stage)]
-        unknown = set(shards[0]) - set(specs)
-        if unknown:
-            raise CheckpointError(f"{directory}: stage {stage} holds {sorted(unknown)[:3]}, which the model has not")
-        serial |= merge_state_dicts(shards, {name: specs[name] for name in shards[0]})
-    missing = set(specs) - set(serial)
+        names = list(shard_specs(build_model(saved.cfg)))
+    missing = set(names) - set(saved.stage_of)
     if missing:
         raise CheckpointError(f"{directory}: no stage holds {sorted(missing)[:3]}: the checkpoint is incomplete")
-    return serial
+    return {name: saved.weight(name).clone() for name in names}
 
 
 def load_model_state(directory: Path, model: TransformerModel, grid: ProcessGrid) -> dict:
     """The weights of `model` (this rank's TP shard of its pipeline stage) from a checkpoint saved at any layout:
-    read directly when the layout is the same, else merged to serial and re-split."""
+    read directly when the layout is the same, else merged to serial and re-split a parameter at a time."""
     meta = read_meta(directory)
     if layout_of(meta) == (grid.tp.size, grid.pp.size, model.part.count // grid.pp.size):
         return load_rank(directory, stage_ranks(meta, grid.pp.rank)[grid.tp.rank])["model"]
-    serial, specs = load_serial_model_state(directory), shard_specs(model)
-    return {name: specs[name].shard(serial[name], grid.tp.size, grid.tp.rank, name) for name in specs}
+    return SavedShards(directory).weights_for(model, grid.tp)

@@ -26,7 +26,9 @@ position, which a plain optimizer loads and `DistributedOptimizer.load_state_dic
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -213,38 +215,67 @@ class DistributedOptimizer:
         return flat, entries[0]["step"]
 
 
+class JoinedSlices:
+    """Every DP rank's optimizer slice of one (stage, TP rank) position, checked to tile its flat layout; a
+    parameter's moments are read from the slices that hold it, one parameter at a time."""
+
+    def __init__(self, slices: list[dict], files: list[Path], position: str):
+        first = slices[0]
+        self.layout, self.decayed, self.param_groups = first["layout"], first["decayed"], first["param_groups"]
+        self.step = first.get("step")
+        self.sizes = [math.prod(shape) for _, shape in self.layout]
+        self.offsets = [0, *itertools.accumulate(self.sizes)]
+        end = 0
+        for part, path in zip(slices, files, strict=True):
+            if part["layout"] != self.layout or part["flat_range"][0] != end:
+                raise checkpoint.CheckpointError(
+                    f"{path}: its optimizer slice starts at element {part['flat_range'][0]} of its flat layout, not "
+                    f"at {end} where the previous DP rank's ended: the checkpoint mixes runs; use another checkpoint"
+                )
+            end = part["flat_range"][1]
+        if end != self.offsets[-1]:
+            raise checkpoint.CheckpointError(f"the optimizer slices of {position} end at {end} of {self.offsets[-1]}")
+        self.slices = slices
+
+    def moment(self, index: int, key: str) -> torch.Tensor:
+        """Parameter `index`'s (flat order) moment `key` in the parameter's shape."""
+        lo, hi = self.offsets[index], self.offsets[index + 1]
+        pieces = []
+        for part in self.slices:
+            start, end = part["flat_range"]
+            if start < hi and lo < end:
+                pieces.append(part[key][max(lo, start) - start : min(hi, end) - start])
+        return torch.cat(pieces).view(self.layout[index][1])
+
+    def plain_state(self) -> dict:
+        """The plain AdamW state dict of the position."""
+        indices = [list(range(self.decayed)), list(range(self.decayed, len(self.layout)))]
+        groups = [{**hyper, "params": ids} for hyper, ids in zip(self.param_groups, indices, strict=True)]
+        entries = {}
+        if self.step is not None:
+            for index in range(len(self.layout)):
+                entries[index] = {"step": self.step.clone()} | {key: self.moment(index, key) for key in MOMENTS}
+        return {"state": entries, "param_groups": groups}
+
+
+def position_state(
+    directory: Path, stage: int, tp_rank: int, read: Callable[[int], dict] | None = None
+) -> dict | JoinedSlices:
+    """The saved optimizer state of one (pipeline stage, TP rank) position: DP replica 0's plain AdamW state, or
+    the joined slices of every DP rank. `read(rank)`: a rank's saved state (default: checkpoint.load_rank)."""
+    meta = checkpoint.read_meta(directory)
+    read = read or (lambda rank: checkpoint.load_rank(directory, rank))
+    ranks = [(stage * meta["dp"] + d) * meta["tp"] + tp_rank for d in range(meta["dp"])]
+    first = read(ranks[0])["optimizer"]
+    if not is_shard(first):
+        return first
+    slices = [first, *(read(rank)["optimizer"] for rank in ranks[1:])]
+    files = [checkpoint.rank_file(directory, rank) for rank in ranks]
+    return JoinedSlices(slices, files, f"stage {stage}, TP rank {tp_rank} in {directory}")
+
+
 def merged_state(directory: Path, stage: int, tp_rank: int) -> dict:
     """The plain AdamW state dict of one (pipeline stage, TP rank) position of a checkpoint, whatever saved it:
     DP replica 0's own state, or every DP rank's slice joined and split into the parameters' shapes."""
-    meta = checkpoint.read_meta(directory)
-    ranks = [(stage * meta["dp"] + d) * meta["tp"] + tp_rank for d in range(meta["dp"])]
-    first = checkpoint.load_rank(directory, ranks[0])["optimizer"]
-    if not is_shard(first):
-        return first
-    slices = [first, *(checkpoint.load_rank(directory, rank)["optimizer"] for rank in ranks[1:])]
-    layout, groups = first["layout"], first["param_groups"]
-    sizes = [math.prod(shape) for _, shape in layout]
-    end = 0
-    for rank, part in zip(ranks, slices, strict=True):
-        if part["layout"] != layout or part["flat_range"][0] != end:
-            raise checkpoint.CheckpointError(
-                f"{checkpoint.rank_file(directory, rank)}: its optimizer slice starts at element "
-                f"{part['flat_range'][0]} of its flat layout, not at {end} where the previous DP rank's ended: the "
-                "checkpoint mixes runs; use another checkpoint"
-            )
-        end = part["flat_range"][1]
-    if end != sum(sizes):
-        raise checkpoint.CheckpointError(
-            f"{directory}: the optimizer slices of stage {stage} end at {end} of {sum(sizes)}"
-        )
-    indices = [list(range(first["decayed"])), list(range(first["decayed"], len(layout)))]
-    plain = {
-        "state": {},
-        "param_groups": [{**hyper, "params": ids} for hyper, ids in zip(groups, indices, strict=True)],
-    }
-    if "step" in first:
-        flat = {key: torch.cat([part[key] for part in slices]).split(sizes) for key in MOMENTS}
-        for index, (_, shape) in enumerate(layout):
-            plain["state"][index] = {"step": first["step"].clone()}
-            plain["state"][index] |= {key: flat[key][index].view(shape).clone() for key in MOMENTS}
-    return plain
+    saved = position_state(directory, stage, tp_rank)
+    return saved.plain_state() if isinstance(saved, JoinedSlices) else saved

@@ -215,25 +215,20 @@ class TrainingLoop:
         """The checkpoint's weights and Adam moments merged to serial and cut for this rank's place in the new
         grid; the loss scale and iteration as saved; the dropout streams continued where they mean the same at
         the new layout, else re-derived (training/reshard.py)."""
-        weights = checkpoint.load_model_state(directory, self.model, self.grid)
+        grid, saved = self.grid, checkpoint.SavedShards(directory)
+        weights = saved.weights_for(self.model, grid.tp)
         checkpoint.load_into(self.model, weights, directory, "model")
         if self.main_weights:
             self.optimizer.load_main_weights(weights)
         groups = self.optimizer.state_dict()["param_groups"]
-        moments = reshard.shard_optimizer_state(
-            reshard.serial_optimizer_state(directory), self.model, self.grid.tp, groups
-        )
+        moments = reshard.shard_optimizer_state(reshard.SavedAdam(saved), self.model, grid.tp, groups)
         checkpoint.load_into(self.optimizer, moments, directory, "optimizer state")
-        first = checkpoint.load_rank(directory, 0)
-        if self.scaler and first["loss_scaler"]:
-            self.scaler.load_state_dict(first["loss_scaler"])
-        self.start_iteration = first["iteration"]
-        grid = self.grid
+        alike = saved.any_rank_state()
+        if self.scaler and alike["loss_scaler"]:
+            self.scaler.load_state_dict(alike["loss_scaler"])
+        self.start_iteration = alike["iteration"]
         reshard.reseed(self.seed, self.start_iteration, grid, self.device)
-        replicated = reshard.replicated_stream(
-            meta, lambda rank: checkpoint.load_rank(directory, rank)["rng"],
-            grid.pp.size, self.layout.virtual, grid.pp.rank,
-        )  # fmt: skip
+        replicated = reshard.replicated_stream(saved, grid.pp.size, self.layout.virtual, grid.pp.rank)
         if replicated is not None:
             random.set_rng_state(replicated, self.device)
         log.info(

@@ -2,8 +2,10 @@
 
 The canonical form of the training state is serial, as for the weights: every Adam moment has its parameter's
 shape and so its parameter's shard spec, and merges and re-splits the same way. A DP replica holds the same state
-as the others, so replica 0 is read. The tied word embedding's copy on the last pipeline stage takes the same
-steps as the first stage's and is not read; the new layout's last stage gets the first stage's state.
+as the others, so replica 0 is read (with the distributed optimizer, every DP rank's slice of it). A rank reads
+only its own parameters' pieces, one parameter at a time (checkpoint.SavedShards). The tied word embedding's
+copy on the last pipeline stage takes the same steps as the first stage's and is not read; the new layout's last
+stage gets the first stage's state.
 
 The dropout streams (parallel/random.py) carry over as far as they mean the same thing at the new layout. The
 replicated stream (dropout on activations every TP rank holds whole: embeddings, residual branches) is one per
@@ -17,56 +19,63 @@ replica draws for a different share of the micro-batches. With dropout off the c
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from megatron_exp.models import build_model
-from megatron_exp.parallel import random, state
-from megatron_exp.parallel.pipeline import PipelineLayout
-from megatron_exp.parallel.sharding import merge_state_dicts, shard_specs
+from megatron_exp.parallel import random
+from megatron_exp.parallel.sharding import shard_specs
 from megatron_exp.parallel.state import Group, ProcessGrid
 from megatron_exp.training import checkpoint
-from megatron_exp.training.distributed_optimizer import is_shard, merged_state
+from megatron_exp.training.checkpoint import SavedShards
+from megatron_exp.training.distributed_optimizer import JoinedSlices, position_state
 from megatron_exp.training.optim import optimizer_groups, optimizer_order
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
-def _stage_optimizer_states(directory: Path, stage: int, part_model: nn.Module) -> dict[str, dict]:
-    """The serial Adam state of one saved stage's parameters, by name: its TP ranks' moments merged."""
-    meta = checkpoint.read_meta(directory)
-    names = optimizer_order(part_model)
-    specs = shard_specs(part_model)
-    shards = []
-    for tp_rank, rank in enumerate(checkpoint.stage_ranks(meta, stage)):
-        saved = checkpoint.load_rank(directory, rank)["optimizer"]
-        shards.append((merged_state(directory, stage, tp_rank) if is_shard(saved) else saved)["state"])
-    merged = {}
-    for key in MOMENTS:
-        per_rank = [{names[index]: entry[key] for index, entry in shard.items()} for shard in shards]
-        for name, tensor in merge_state_dicts(per_rank, {n: specs[n] for n in per_rank[0]}).items():
-            merged.setdefault(name, {})[key] = tensor
-    for index, entry in shards[0].items():
-        merged[names[index]]["step"] = entry["step"]
-    return merged
+class SavedAdam(Mapping):
+    """Adam's state of a checkpoint as if trained serially, {parameter name: {step, exp_avg, exp_avg_sq}}, merged
+    from the saved stage's TP positions (plain or distributed-optimizer slices) when a parameter is looked up."""
+
+    def __init__(self, saved: checkpoint.SavedShards):
+        self.saved = saved
+        self.index = [{name: i for i, name in enumerate(optimizer_order(part))} for part in saved.parts]
+        self._positions: dict[int, list] = {}
+
+    def _positions_of(self, stage: int) -> list:
+        if stage not in self._positions:
+            read, tp = self.saved.rank_state, self.saved.meta["tp"]
+            self._positions[stage] = [position_state(self.saved.directory, stage, t, read) for t in range(tp)]
+        return self._positions[stage]
+
+    def __getitem__(self, name: str) -> dict[str, torch.Tensor]:
+        stage = self.saved.stage_of[name]
+        index, positions = self.index[stage][name], self._positions_of(stage)
+        spec = shard_specs(self.saved.parts[stage])[name]
+        first = positions[0]
+        step = first.step if isinstance(first, JoinedSlices) else first["state"][index]["step"]
+        pieces = {key: [_moment(position, index, key) for position in positions] for key in MOMENTS}
+        return {"step": step} | {key: spec.merge(tensors, name) for key, tensors in pieces.items()}
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.saved.stage_of)
+
+    def __len__(self) -> int:
+        return len(self.saved.stage_of)
+
+
+def _moment(position: dict | JoinedSlices, index: int, key: str) -> torch.Tensor:
+    return position.moment(index, key) if isinstance(position, JoinedSlices) else position["state"][index][key]
 
 
 def serial_optimizer_state(directory: Path) -> dict[str, dict[str, torch.Tensor]]:
     """Adam's state of the whole model as if trained serially: {parameter name: {step, exp_avg, exp_avg_sq}}."""
-    meta = checkpoint.read_meta(directory)
-    tp, pp, virtual = checkpoint.layout_of(meta)
-    cfg = checkpoint.model_config_of(directory)
-    layout = PipelineLayout(pp, virtual, cfg.layers)
-    serial: dict[str, dict] = {}
-    for stage in range(pp):
-        with torch.device("meta"), state.use(state.virtual(tp, pp=pp, pp_rank=stage)):
-            part_model = build_model(cfg, part=layout.part(stage))
-        for name, entry in _stage_optimizer_states(directory, stage, part_model).items():
-            serial.setdefault(name, entry)  # the first stage's word embedding, not the last stage's copy
-    return serial
+    return {
+        name: {key: t.clone() for key, t in entry.items()} for name, entry in SavedAdam(SavedShards(directory)).items()
+    }
 
 
 def param_groups_for(model: nn.Module, template: list[dict]) -> list[dict]:
@@ -78,7 +87,7 @@ def param_groups_for(model: nn.Module, template: list[dict]) -> list[dict]:
 
 
 def shard_optimizer_state(
-    serial: dict[str, dict[str, torch.Tensor]], model: nn.Module, tp: Group, param_groups: list[dict]
+    serial: Mapping[str, dict[str, torch.Tensor]], model: nn.Module, tp: Group, param_groups: list[dict]
 ) -> dict:
     """The optimizer state_dict of `model` (one rank's TP shard of its stage): the serial moments of its
     parameters, cut to its TP shard."""
@@ -97,12 +106,10 @@ def reseed(seed: int, iteration: int, grid: ProcessGrid, device: torch.device) -
     random.seed(seed + 7919 * iteration, grid.tp.rank, device, stage=grid.pp.rank)
 
 
-def replicated_stream(
-    meta: dict, saved_rng: Callable[[int], dict | None], pp: int, virtual: int, stage: int
-) -> dict | None:
+def replicated_stream(saved: SavedShards, pp: int, virtual: int, stage: int) -> dict | None:
     """The saved replicated dropout stream for `stage` of a (pp, virtual) layout, as a partial RNG state (no
-    TP-region stream), or None where the checkpoint's stages are other ones. `saved_rng(rank)`: a rank's saved RNG."""
-    if checkpoint.layout_of(meta)[1:] != (pp, virtual):
+    TP-region stream), or None where the checkpoint's stages are other ones."""
+    if checkpoint.layout_of(saved.meta)[1:] != (pp, virtual):
         return None
-    rng = saved_rng(checkpoint.stage_ranks(meta, stage)[0])
+    rng = saved.rank_state(checkpoint.stage_ranks(saved.meta, stage)[0])["rng"]
     return None if rng is None else {**rng, "tp_region": None}

@@ -2,6 +2,7 @@
 dropout off) and Adam moments that are exactly the merged originals."""
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -118,6 +119,40 @@ def test_the_resumed_adam_moments_are_the_merged_originals_exactly(tmp_path, sha
     names = optimizer_order(loop.model)
     resumed = {names[i]: entry for i, entry in loop.optimizer.state_dict()["state"].items()}
     _assert_moments_are(resumed, _merged_originals(saved))
+
+
+def _count_opened_files(monkeypatch) -> Counter:
+    opened, load_rank = Counter(), checkpoint.load_rank
+
+    def counted(directory, rank, mmap=False):
+        opened[rank, mmap] += 1
+        return load_rank(directory, rank, mmap)
+
+    monkeypatch.setattr(checkpoint, "load_rank", counted)
+    return opened
+
+
+@pytest.mark.slow
+def test_a_rank_of_the_new_layout_opens_the_files_it_needs_once(tmp_path, shared_cache, tp2_pp2, monkeypatch):
+    """Memory-mapped, each once: all four for a serial rank, which holds every stage's parameters. Stage 1 of a
+    pp=2 layout reads its layers from the saved stage 1's files, and from stage 0's only the tied word embedding
+    (the first stage's copy): what a rank reads is its own parameters, not the model's other stages."""
+    _, saved = tp2_pp2
+    opened = _count_opened_files(monkeypatch)
+    cfg = make_config(shared_cache, *RUN)
+    cfg.resume = str(saved)
+    build(cfg, tmp_path)
+    assert opened == {(rank, True): 1 for rank in range(4)}
+    opened.clear()
+    with torch.device("meta"), state.use(state.virtual(1, pp=2, pp_rank=1)):
+        stage_1 = GPTModel(cfg.model, part=PipelineLayout(2, 1, 4).part(1))
+    shards = checkpoint.SavedShards(saved)
+    weights = shards.weights_for(stage_1, state.Group(size=1, rank=0))
+    moments = reshard.shard_optimizer_state(reshard.SavedAdam(shards), stage_1, state.Group(size=1, rank=0), [{}, {}])
+    assert set(weights) == set(optimizer_order(stage_1)) and len(moments["state"]) == len(weights)
+    assert opened == {(rank, True): 1 for rank in range(4)}
+    from_stage_0 = {name for name in weights if shards.stage_of[name] == 0}
+    assert from_stage_0 == {"embedding.weight"}  # the word embedding (positions live on stage 0 only)
 
 
 @pytest.fixture(scope="module")
