@@ -253,9 +253,10 @@ class SavedShards:
         for stage in range(pp):
             with torch.device("meta"), state.use(state.virtual(tp, pp=pp, pp_rank=stage)):
                 self.parts.append(build_model(self.cfg, part=layout.part(stage)))
+        self.specs = [shard_specs(part) for part in self.parts]
         self.stage_of: dict[str, int] = {}  # the first stage holding a name: stage 0's tied word embedding
-        for stage, part in enumerate(self.parts):
-            for name in shard_specs(part):
+        for stage, specs in enumerate(self.specs):
+            for name in specs:
                 self.stage_of.setdefault(name, stage)
         self._files: dict[int, dict] = {}
 
@@ -272,7 +273,7 @@ class SavedShards:
 
     def _check_names(self, rank: int, saved: dict) -> None:
         stage = rank // (self.meta["tp"] * self.meta["dp"])  # the grid is (pp, dp, tp)
-        expected = set(shard_specs(self.parts[stage]))
+        expected = set(self.specs[stage])
         if set(saved) != expected:
             odd = sorted(set(saved) ^ expected)[:3]
             raise CheckpointError(
@@ -283,8 +284,9 @@ class SavedShards:
     def weight(self, name: str) -> torch.Tensor:
         """The serial value of one parameter (vocabulary padded for TP=1)."""
         stage = self.stage_of[name]
-        spec = shard_specs(self.parts[stage])[name]
-        return spec.merge([self.rank_state(rank)["model"][name] for rank in stage_ranks(self.meta, stage)], name)
+        return self.specs[stage][name].merge(
+            [self.rank_state(rank)["model"][name] for rank in stage_ranks(self.meta, stage)], name
+        )
 
     def weights_for(self, model: nn.Module, tp: Group) -> dict:
         """The state dict of `model` (a TP shard of a stage of the new layout), cut from the serial values."""

@@ -54,7 +54,7 @@ class SavedAdam(Mapping):
     def __getitem__(self, name: str) -> dict[str, torch.Tensor]:
         stage = self.saved.stage_of[name]
         index, positions = self.index[stage][name], self._positions_of(stage)
-        spec = shard_specs(self.saved.parts[stage])[name]
+        spec = self.saved.specs[stage][name]
         first = positions[0]
         step = first.step if isinstance(first, JoinedSlices) else first["state"][index]["step"]
         pieces = {key: [_moment(position, index, key) for position in positions] for key in MOMENTS}
