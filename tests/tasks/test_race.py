@@ -233,21 +233,23 @@ def test_pretrain_tiny_bert_then_fine_tune_on_race(tmp_path, shared_cache):
 
     # Options of one whole-word token each, so every option's sequence has the same length: only what the
     # option is can tell the right one. A control run with lr=1e-12 (lr must be positive) measures the model before
-    # fine-tuning.
+    # fine-tuning: its weights do not move, so one epoch measures it as well as more would. The fine-tuned runs reach
+    # full dev and test accuracy within their first epoch; a second one checks that training goes on past an epoch's
+    # evaluation and checkpoint, and that the newest epoch's weights are the ones kept.
     tokenizer = Tokenizer.from_file(str(pretrained / "tokenizer.json"))
     words = sorted(t for t in tokenizer.get_vocab() if t.isalpha() and t.islower() and len(t) >= 4)[:16]
     race = tmp_path / "race"
     _learnable_race(race, {"train": 64, "dev": 32, "test": 32}, right=words[:4], wrong=words[4:])
     accuracy = {}
-    for lr, sp in ((1e-12, False), (3e-3, True), (3e-3, False)):  # and with sequence parallelism
+    for lr, sp, epochs in ((1e-12, False, 1), (3e-3, True, 2), (3e-3, False, 2)):  # and with sequence parallelism
         finetuned = tmp_path / f"finetuned-lr{lr}-sp{sp}"
         done = evaluate("race", finetuned, f"checkpoint={pretrained}", f"task.source={race}", "task.seq_len=64",
-                        "task.max_qa_len=24", "task.epochs=5", f"optimizer.lr={lr}", "parallel.tp=2",
+                        "task.max_qa_len=24", f"task.epochs={epochs}", f"optimizer.lr={lr}", "parallel.tp=2",
                         "parallel.micro_batch=4", "parallel.global_batch=8", "log_interval=4",
                         f"parallel.sequence_parallel={sp}")  # fmt: skip
         assert done.returncode == 0, done.stdout + done.stderr
         results = json.loads((finetuned / "results.json").read_text())
-        assert results["tp"] == 2 and results["epoch"] == 5 and results["test/questions"] == 32
+        assert results["tp"] == 2 and results["epoch"] == epochs and results["test/questions"] == 32
         assert 0 <= results["test/accuracy_middle"] <= 1 and 0 <= results["test/accuracy_high"] <= 1
         accuracy[lr, sp] = results["dev/accuracy"], results["test/accuracy"]
     for sp in (False, True):  # chance: 0.25
@@ -255,7 +257,7 @@ def test_pretrain_tiny_bert_then_fine_tune_on_race(tmp_path, shared_cache):
         assert learned >= 0.75 and learned > max(accuracy[1e-12, False]) + 0.2, accuracy
     assert len(list((finetuned / "wandb").glob("offline-run-*/run-*.wandb"))) == 1
     saved = checkpoint.resolve(finetuned)  # the last epoch's fine-tuned weights, one shard per TP rank
-    assert checkpoint.read_meta(saved)["epoch"] == 5 and checkpoint.read_meta(saved)["tp"] == 2
+    assert checkpoint.read_meta(saved)["epoch"] == 2 and checkpoint.read_meta(saved)["tp"] == 2
     assert "score.weight" in checkpoint.load_rank(saved, 1)["model"]
     assert "job_type: finetune" in (finetuned / "config.yaml").read_text()
     assert "dev acc" in done.stdout + done.stderr
