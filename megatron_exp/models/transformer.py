@@ -194,6 +194,7 @@ class TransformerModel(nn.Module):
     def compile_layers(self) -> None:
         """torch.compile each transformer layer in place (`train.compile`): parameter names, and so checkpoints,
         stay the same, and the embeddings and loss stay eager."""
+        random.run_checkpoint_eagerly()
         for layer in self.layers.values():
             layer.compile()
 

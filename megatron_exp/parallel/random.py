@@ -122,14 +122,29 @@ def _restore_tp_region_on_recompute():
     return nullcontext(), recompute()
 
 
-@torch.compiler.disable
 def checkpoint(function, *args):
     """Run `function(*args)` without keeping its activations; backward recomputes it with the same dropout masks.
 
     torch restores the replicated stream (preserve_rng_state); the context restores the TP-region stream. That
     replay swaps generator states, which dynamo cannot trace, so under a compiled layer (selective recomputation
-    with train.compile) the layer's graph breaks around this call and the recomputed region runs eagerly.
+    with train.compile) the layer's graph breaks around this call and the recomputed region runs eagerly
+    (`run_checkpoint_eagerly`).
     """
+    return _checkpoint(function, *args)
+
+
+def _replaying_checkpoint(function, *args):
     return torch.utils.checkpoint.checkpoint(
         function, *args, use_reentrant=False, preserve_rng_state=True, context_fn=_restore_tp_region_on_recompute
     )
+
+
+_checkpoint = _replaying_checkpoint
+
+
+def run_checkpoint_eagerly() -> None:
+    """Hide `checkpoint`'s replay from dynamo: called before layers are compiled. Not done at import, since
+    torch.compiler.disable imports dynamo, which adds ~1 s to the start of every process that imports the models
+    (the launching process of every job among them) and ~0.5 s to its exit."""
+    global _checkpoint
+    _checkpoint = torch.compiler.disable(_replaying_checkpoint)
