@@ -1,6 +1,8 @@
 """The package's layers import downwards only: parallel <- models <- training <- entry points."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -50,3 +52,14 @@ def test_the_rule_covers_every_layer_below_the_entry_points():
     assert {"parallel", "models", "training", "data"} <= {
         _layer(".".join(p.relative_to(PACKAGE).parts)) for p in MODULES
     }
+
+
+def test_the_entry_points_import_neither_dynamo_nor_datasets():
+    """Each costs every process that imports it (the launching one and each worker of every job) ~0.5-1 s to start
+    and more to exit: dynamo is imported by compiling (or by torch.optim, in a training worker), datasets by
+    building a data cache or reading from the hub."""
+    entry_points = ["train", "generate", "convert", "analyze", "tasks.lambada", "tasks.race", "tasks.wikitext103"]
+    imports = "; ".join(f"import megatron_exp.{name}" for name in entry_points)
+    code = f"import sys; {imports}; print(sorted({{'torch._dynamo', 'datasets', 'pandas'}} & set(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.strip() == "[]", done.stdout

@@ -7,13 +7,16 @@ from __future__ import annotations
 import glob
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from datasets import Dataset, DatasetDict, load_dataset
 
 from megatron_exp.config import ConfigError, DataConfig
 from megatron_exp.data import builtin
 from megatron_exp.data.files import check_corpus_file
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 SPLITS = ("train", "valid", "test")
 _HUB_SPLIT_NAMES = {"train": ("train",), "valid": ("validation", "valid", "dev"), "test": ("test",)}
@@ -85,6 +88,10 @@ def _text_only(ds: Dataset, field: str, source: str) -> Dataset:
 
 def load_splits(cfg: DataConfig) -> dict[str, Dataset]:
     """Documents of each split as a Dataset with one `text` column."""
+    # Imported here, when a cache is built: importing datasets (pandas, pyarrow) adds ~0.5 s to the start of every
+    # process that imports this module, the launching process and each worker of every job among them.
+    from datasets import Dataset, DatasetDict, load_dataset
+
     if cfg.source.startswith("builtin:"):
         groups, texts = zip(*builtin.get(cfg.source).documents(), strict=True)
         return _split_by_fraction(Dataset.from_dict({"text": list(texts)}), cfg.split_fractions, list(groups))

@@ -21,16 +21,17 @@ import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import datasets
 import numpy as np
-import pyarrow.compute as pc
-from datasets import Dataset
 from tokenizers import Tokenizer
 
 from megatron_exp import console
 from megatron_exp.config import DataConfig
 from megatron_exp.data import corpus, tokenizer
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,9 @@ def _sentence_encoder(tok: Tokenizer):
 
 
 def _write_tokens(docs: Dataset, encode, dtype: np.dtype, out: Path, num_proc: int) -> dict:
+    import datasets  # only a build needs datasets (see corpus.load_splits)
+    import pyarrow.compute as pc
+
     large = len(docs) >= 1000  # worker processes and a progress bar only pay off on large corpora
     num_proc = min(num_proc, len(docs) // 1000) if large else 1
     bars_were_off = datasets.are_progress_bars_disabled()
