@@ -42,7 +42,7 @@ from megatron_exp.training.optim import build_optimizer, clip_gradients_  # noqa
 
 # ~25M parameters: 6 layers of 512, a 16,384-entry vocabulary; seq 256, micro batch 8 (the target shape).
 FULL = dict(hidden=512, heads=8, layers=6, vocab_size=16384, seq_len=256, batch=8, steps=6, repeats=3)
-QUICK = dict(hidden=64, heads=4, layers=2, vocab_size=512, seq_len=32, batch=2, steps=2, repeats=2)
+QUICK = dict(hidden=64, heads=4, layers=2, vocab_size=512, seq_len=32, batch=2, steps=2, repeats=1)  # one round
 
 
 class PlainBlock(nn.Module):
