@@ -15,8 +15,9 @@ from megatron_exp.parallel import state
 # Ranks fork from a server that has imported torch and the package once per session: a fresh interpreter per rank
 # (spawn) spent ~1.7 s of every 2-rank test importing them. The server is itself a fresh interpreter (started by the
 # first multi-rank test) that imports only these modules, so every rank still starts clean: no grid, no seeds, no
-# compiled graphs or patched settings of the test process.
-mp.set_forkserver_preload(["tests.distributed", "tests.conftest", "megatron_exp.training.trainer"])
+# compiled graphs or patched settings of the test process. Dynamo is preloaded too: the package imports it only to
+# compile, but torch.optim imports it (~1 s) in every rank that builds an optimizer.
+mp.set_forkserver_preload(["tests.distributed", "tests.conftest", "megatron_exp.training.trainer", "torch._dynamo"])
 
 
 def _worker(rank, world_size, init_file, tp, pp, fn, args):
