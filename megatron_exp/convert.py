@@ -157,7 +157,7 @@ def _training_checkpoint(source: str) -> Path | None:
     directory = checkpoint.resolve(source)
     if checkpoint.read_meta(directory).get("weights_only"):
         return None
-    return directory if "optimizer" in checkpoint.load_rank(directory, 0) else None
+    return directory if "optimizer" in checkpoint.load_rank(directory, 0, mmap=True) else None  # keys, not tensors
 
 
 def layout_key(tp: int, pp: int, virtual: int, dp: int) -> str:

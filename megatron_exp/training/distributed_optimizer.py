@@ -223,8 +223,7 @@ class JoinedSlices:
         first = slices[0]
         self.layout, self.decayed, self.param_groups = first["layout"], first["decayed"], first["param_groups"]
         self.step = first.get("step")
-        self.sizes = [math.prod(shape) for _, shape in self.layout]
-        self.offsets = [0, *itertools.accumulate(self.sizes)]
+        self.offsets = [0, *itertools.accumulate(math.prod(shape) for _, shape in self.layout)]
         end = 0
         for part, path in zip(slices, files, strict=True):
             if part["layout"] != self.layout or part["flat_range"][0] != end:
